@@ -1,0 +1,59 @@
+"""Tiny random models built in memory for hermetic tests."""
+
+from __future__ import annotations
+
+import torch
+
+from treeflash.drafters import Drafter, DrafterConfig, new_drafter
+from treeflash.targets import Target
+
+VOCAB = 97
+
+
+def tiny_target(family: str = "llama", seed: int = 0, dtype=torch.float64, layers: int = 6, max_length: int = 512,
+                vocab: int = VOCAB) -> Target:
+    """A random target whose logits are far apart (weights scaled up), so greedy choices are stable."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    kinds = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    config_cls, model_cls = kinds[family]
+    config = config_cls(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=max_length, rope_theta=10000.0,
+        tie_word_embeddings=family == "llama", eos_token_id=None, bos_token_id=None, pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5 if "embed" in name or "lm_head" in name else 0.15)
+    return Target(model.to(dtype), tokenizer=None, name=f"tiny-{family}")
+
+
+def tiny_drafter(target: Target, seed: int = 1, block_size: int = 8, layers: int = 2, head: bool = True,
+                 random_head: bool = True) -> Drafter:
+    """A random drafter; its TreeFlash head is made non-zero so that treeflash drafts differ from ddtree."""
+    drafter = new_drafter(target, num_hidden_layers=layers, block_size=block_size, seed=seed,
+                          target_layer_ids=(1, 2, 4), mask_token_id=target.vocab_size - 1, ar_head=head,
+                          ar_intermediate_size=48)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if p.dim() == 2 and (random_head or "ar_approximation" not in name):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return drafter
+
+
+def greedy_reference(target: Target, prompt: list[int], steps: int) -> list[int]:
+    """Plain greedy decoding with full recomputation (no cache tricks), as an oracle."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = target.model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+__all__ = ["tiny_target", "tiny_drafter", "greedy_reference", "Drafter", "DrafterConfig", "VOCAB"]

@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+
+from treeflash.drafters import (
+    Drafter,
+    default_target_layer_ids,
+    load_drafter,
+    new_drafter,
+    save_drafter,
+)
+from treeflash.errors import TreeFlashError
+
+from helpers import tiny_drafter, tiny_target
+
+
+def _context_features(target, n=10, seed=0):
+    ids = torch.randint(0, target.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+    cache = target.new_cache(64)
+    return target.forward(ids, torch.arange(n), cache, feature_layers=(1, 2, 4)).features
+
+
+def test_default_target_layer_ids_follow_dflash():
+    assert default_target_layer_ids(36) == (1, 9, 17, 25, 33)
+    ids = default_target_layer_ids(30)
+    assert ids[0] == 1 and ids[-1] == 27 and len(ids) == 5 and list(ids) == sorted(ids)
+
+
+def test_untrained_head_is_exactly_dflash():
+    target = tiny_target("qwen3")
+    drafter = new_drafter(target, num_hidden_layers=1, block_size=6, target_layer_ids=(1, 2, 4),
+                          mask_token_id=target.vocab_size - 1)
+    block = drafter.draft(target, anchor=3, new_features=_context_features(target), cache=drafter.new_cache(64))
+    parents = torch.arange(block.hidden.shape[0])
+    assert torch.equal(drafter.conditional_logits(target, block.hidden, parents), block.logits)
+
+
+def test_incremental_context_equals_full_context():
+    """Drafting after adding context in two steps equals drafting with it all at once: the block's own
+    keys/values never stay in the drafter cache."""
+    target = tiny_target("llama")
+    drafter = tiny_drafter(target)
+    feats = _context_features(target, n=12)
+    full = drafter.draft(target, 7, feats, drafter.new_cache(64))
+    cache = drafter.new_cache(64)
+    drafter.draft(target, 5, feats[:8], cache)
+    assert cache.length == 8
+    step = drafter.draft(target, 7, feats[8:], cache)
+    assert cache.length == 12
+    torch.testing.assert_close(step.logits, full.logits, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(step.hidden, full.hidden, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_save_load_round_trip(tmp_path, head):
+    target = tiny_target("qwen3")
+    drafter = tiny_drafter(target, head=head)
+    save_drafter(drafter, tmp_path / "d")
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["dflash_config"]["target_layer_ids"] == [1, 2, 4]
+    assert ("treeflash_config" in config) == head
+    loaded = load_drafter(tmp_path / "d", target)
+    assert isinstance(loaded, Drafter) and (loaded.ar_approximation is not None) == head
+    feats = _context_features(target)
+    a = drafter.draft(target, 3, feats, drafter.new_cache(64))
+    b = loaded.draft(target, 3, feats, loaded.new_cache(64))
+    assert torch.equal(a.logits, b.logits)
+
+
+def test_save_in_half_precision_loads(tmp_path):
+    target = tiny_target("qwen3", dtype=torch.float32)
+    drafter = tiny_drafter(target)
+    save_drafter(drafter, tmp_path / "d", dtype=torch.bfloat16)
+    loaded = load_drafter(tmp_path / "d", target, dtype=torch.float32)
+    assert loaded.fc.weight.dtype == torch.float32
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path):
+    target = tiny_target("qwen3")
+    drafter = tiny_drafter(target)
+    with pytest.raises(TreeFlashError, match="does not exist"):
+        load_drafter(tmp_path / "missing", target)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TreeFlashError, match="no config.json"):
+        load_drafter(tmp_path / "empty", target)
+
+    save_drafter(drafter, tmp_path / "d")
+    weights = tmp_path / "d" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TreeFlashError, match="corrupted"):
+        load_drafter(tmp_path / "d", target)
+    weights.unlink()
+    with pytest.raises(TreeFlashError, match="no .safetensors"):
+        load_drafter(tmp_path / "d", target)
+
+    save_drafter(drafter, tmp_path / "e")
+    (tmp_path / "e" / "config.json").write_text("{not json")
+    with pytest.raises(TreeFlashError, match="not valid JSON"):
+        load_drafter(tmp_path / "e", target)
+
+    save_drafter(drafter, tmp_path / "f")
+    config = json.loads((tmp_path / "f" / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # weights for 2 layers
+    (tmp_path / "f" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TreeFlashError, match="do not match"):
+        load_drafter(tmp_path / "f", target)
+
+
+def test_drafter_for_another_target_is_rejected(tmp_path):
+    target = tiny_target("qwen3")
+    save_drafter(tiny_drafter(target), tmp_path / "d")
+    with pytest.raises(TreeFlashError, match="vocabulary"):
+        load_drafter(tmp_path / "d", tiny_target("qwen3", vocab=50))
+    with pytest.raises(TreeFlashError, match="layers"):
+        load_drafter(tmp_path / "d", tiny_target("qwen3", layers=4))
+
+
+def test_new_drafter_validates_and_is_reproducible():
+    target = tiny_target("llama")
+    with pytest.raises(TreeFlashError, match="block size"):
+        new_drafter(target, block_size=1)
+    a, b = new_drafter(target, seed=3), new_drafter(target, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from treeflash.errors import TreeFlashError
+from treeflash.trees import DraftTree, tree_attention_mask
+
+from helpers import tiny_target
+
+FAMILIES = ["llama", "qwen2", "qwen3"]
+
+
+def _random_tree(seed: int, size: int, vocab: int) -> DraftTree:
+    g = torch.Generator().manual_seed(seed)
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, size + 1)]
+    depths = [0]
+    for p in parents[1:]:
+        depths.append(depths[p] + 1)
+    return DraftTree(
+        tokens=torch.randint(0, vocab, (size + 1,), generator=g),
+        parents=torch.tensor(parents),
+        depths=torch.tensor(depths),
+        scores=torch.zeros(size + 1),
+    )
+
+
+def _branch(tree: DraftTree, node: int) -> list[int]:
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = int(tree.parents[node])
+    return path[::-1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_matches_transformers(family):
+    target = tiny_target(family, dtype=torch.float32)
+    ids = torch.randint(0, target.vocab_size, (23,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = target.model(ids[None], output_hidden_states=True)
+    cache = target.new_cache(64)
+    out = target.forward(ids, torch.arange(23), cache, feature_layers=(4, 1))
+    torch.testing.assert_close(out.logits, ref.logits[0], atol=1e-4, rtol=1e-4)
+    # Feature layer j is the output of decoder layer j, i.e. hidden_states[j + 1].
+    torch.testing.assert_close(out.features[:, :32], ref.hidden_states[5][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.features[:, 32:], ref.hidden_states[2][0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tree_attention_equals_causal_attention_on_every_branch(family):
+    target = tiny_target(family, dtype=torch.float64)
+    context = torch.randint(0, target.vocab_size, (11,), generator=torch.Generator().manual_seed(5))
+    tree = _random_tree(seed=7, size=20, vocab=target.vocab_size)
+    cache = target.new_cache(64)
+    target.forward(context, torch.arange(11), cache)
+    cache.advance(11)
+    mask = torch.ones(21, 11 + 21, dtype=torch.bool)
+    mask[:, 11:] = tree_attention_mask(tree)
+    out = target.forward(tree.tokens, 11 + tree.depths, cache, mask=mask, feature_layers=(3,))
+    for node in range(21):
+        branch = _branch(tree, node)
+        ids = torch.cat((context, tree.tokens[branch]))
+        with torch.no_grad():
+            ref = target.model(ids[None], output_hidden_states=True)
+        torch.testing.assert_close(out.logits[node], ref.logits[0, -1], atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(out.features[node], ref.hidden_states[4][0, -1], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_compacted_cache_equals_fresh_prefill(family):
+    target = tiny_target(family, dtype=torch.float64)
+    context = torch.randint(0, target.vocab_size, (9,), generator=torch.Generator().manual_seed(11))
+    tree = _random_tree(seed=13, size=15, vocab=target.vocab_size)
+    deepest = int(tree.depths.argmax())
+    path = _branch(tree, deepest)
+    cache = target.new_cache(64)
+    target.forward(context, torch.arange(9), cache)
+    cache.advance(9)
+    mask = torch.ones(16, 9 + 16, dtype=torch.bool)
+    mask[:, 9:] = tree_attention_mask(tree)
+    target.forward(tree.tokens, 9 + tree.depths, cache, mask=mask)
+    cache.compact(torch.tensor(path))
+    assert cache.length == 9 + len(path)
+    nxt = torch.tensor([5])
+    out = target.forward(nxt, torch.tensor([cache.length]), cache)
+    committed = torch.cat((context, tree.tokens[path], nxt))
+    fresh_cache = target.new_cache(64)
+    fresh = target.forward(committed, torch.arange(committed.numel()), fresh_cache, logits_rows=slice(-1, None))
+    torch.testing.assert_close(out.logits, fresh.logits, atol=1e-10, rtol=1e-10)
+
+
+def test_cache_overflow_is_a_clear_error():
+    target = tiny_target("llama")
+    cache = target.new_cache(8)
+    with pytest.raises(TreeFlashError, match="cache slots"):
+        target.forward(torch.arange(9), torch.arange(9), cache)
+
+
+def test_unsupported_architecture_is_rejected():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from treeflash.targets import Target
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(TreeFlashError, match="not supported"):
+        Target(model)
+
+
+def test_missing_target_path_is_a_clear_error(tmp_path):
+    from treeflash.targets import load_target
+
+    with pytest.raises(TreeFlashError, match="does not exist"):
+        load_target(str(tmp_path / "nope" / "deeper"))
+    with pytest.raises(TreeFlashError, match="no config.json"):
+        load_target(str(tmp_path))

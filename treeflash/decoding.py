@@ -1,0 +1,313 @@
+"""The decode loop: draft -> build tree -> verify -> follow -> commit, for every method.
+
+Methods:
+  ar         plain autoregressive decoding: the tree is the root alone, so each round commits one token.
+  dflash     a chain: the argmax of each of the drafter's b-1 marginals.
+  ddtree     the best-first tree of the `budget` most probable prefixes under the product of marginals.
+  treeflash  the best-first tree over the AR-approximation head's conditionals (two stages, O(1) passes).
+
+Round invariant: the target's cache holds every committed token but the last one (the root, the bonus of the
+previous round, which the target has not run on yet); the drafter's cache holds the context features of the
+same positions. Statistics (see `DecodeResult`): a round is one target verification pass after the prefill;
+tau = mean over rounds of (accepted drafted tokens + 1 bonus), so `ar` has tau = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .drafters import Drafter, check_compatible
+from .errors import TreeFlashError
+from .targets import Target
+from .trees import (
+    DraftTree,
+    chain_tree,
+    check_budget,
+    conditional_tree,
+    marginal_tree,
+    top_k_logprobs,
+    tree_attention_mask,
+)
+from .verification import SamplingConfig, choose_tokens, follow
+
+METHODS = ("ar", "dflash", "ddtree", "treeflash")
+DEFAULT_BUDGET = 64
+STAGES = ("prefill", "draft", "head", "tree", "verify", "commit")
+
+
+@dataclasses.dataclass
+class DecodeConfig:
+    """How to decode. CLI flags map one-to-one onto these fields."""
+
+    method: str = "treeflash"  # one of METHODS
+    budget: int | None = None  # draft nodes per round, root excluded; None = 64 for trees, b-1 for dflash
+    max_new_tokens: int = 256  # stop after this many new tokens
+    temperature: float = 0.0  # 0 = greedy; > 0 samples (losslessly) from the target
+    top_p: float = 1.0  # nucleus filtering of the target's distribution at temperature > 0
+    top_k: int = 0  # top-k filtering of the target's distribution at temperature > 0 (0 = off)
+    seed: int | None = None  # seeds sampling; None = drawn at random and reported in the result
+    draft_top_k: int = 16  # TreeFlash: children kept per conditional row
+    candidate_tokens: int | None = None  # TreeFlash: candidate parents per position (m); None = drafter's
+    stop_at_eos: bool = True  # stop at the target's end-of-sequence tokens
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise TreeFlashError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.budget is not None:
+            check_budget(self.budget)
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise TreeFlashError(f"max_new_tokens must be a whole number >= 1; got {self.max_new_tokens!r}")
+        if self.draft_top_k < 1:
+            raise TreeFlashError(f"draft_top_k must be >= 1; got {self.draft_top_k}")
+        if self.candidate_tokens is not None and self.candidate_tokens < 1:
+            raise TreeFlashError(f"candidate_tokens must be >= 1; got {self.candidate_tokens}")
+        self.sampling  # validates temperature, top_p, top_k
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    """What one generation produced, and how."""
+
+    method: str
+    prompt_ids: list[int]
+    token_ids: list[int]  # the new tokens only
+    rounds: int  # target verification passes after the prefill
+    acceptance_lengths: list[int]  # accepted drafted tokens per round (the bonus not counted)
+    stage_seconds: dict[str, float]  # wall time per stage, summed over rounds (see STAGES)
+    seconds: float  # wall time of the whole generation, prefill included
+    stop_reason: str  # "eos", "max_new_tokens" or "context"
+    budget: int  # draft nodes per round (0 for ar)
+    seed: int | None  # the sampling seed actually used (None when greedy)
+    text: str | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per round, the bonus token included (ar: 1)."""
+        return 1.0 + sum(self.acceptance_lengths) / self.rounds if self.rounds else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "new_tokens": self.new_tokens,
+            "prompt_tokens": len(self.prompt_ids),
+            "rounds": self.rounds,
+            "tau": self.tau,
+            "acceptance_lengths": self.acceptance_lengths,
+            "seconds": self.seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "stage_seconds": self.stage_seconds,
+            "stop_reason": self.stop_reason,
+            "budget": self.budget,
+            "seed": self.seed,
+        }
+
+
+def root_only_tree(root: int) -> DraftTree:
+    return DraftTree(
+        tokens=torch.tensor([root]),
+        parents=torch.tensor([-1]),
+        depths=torch.tensor([0]),
+        scores=torch.zeros(1),
+    )
+
+
+class _Clock:
+    """Adds wall time to named stages."""
+
+    def __init__(self, device: torch.device):
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.seconds[stage] += now - self._last
+        self._last = now
+
+
+class Decoder:
+    """A target and (optionally) a drafter, ready to generate with any method."""
+
+    def __init__(self, target: Target, drafter: Drafter | None = None):
+        if drafter is not None:
+            check_compatible(drafter, target)
+        self.target = target
+        self.drafter = drafter
+
+    # -- the stages ---------------------------------------------------------------------------------
+
+    def _draft_tree(self, method: str, root: int, features: Tensor, dcache, budget: int, config: DecodeConfig, clock):
+        if method == "ar":
+            return root_only_tree(root)
+        block = self.drafter.draft(self.target, root, features, dcache)
+        clock.lap("draft")
+        if method == "dflash":
+            logprobs = torch.log_softmax(block.logits, dim=-1)
+            best = logprobs.max(dim=-1)
+            return chain_tree(root, best.indices.cpu(), best.values.cpu(), budget)
+        if method == "ddtree":
+            tokens, logprobs = top_k_logprobs(block.logits, min(budget, block.logits.shape[-1]))
+            return marginal_tree(root, tokens.cpu(), logprobs.cpu(), budget)
+        # treeflash: candidate parents at depths 1..D-1 are the top-m tokens of those marginals.
+        m = config.candidate_tokens or self.drafter.config.candidate_tokens
+        depth = block.logits.shape[0]
+        parents = block.logits[: depth - 1].topk(m, dim=-1).indices  # [D-1, m]
+        # Row 0: depth-1 children of the root; row 1 + (d-1)*m + j: children at depth d+1 of parents[d-1, j].
+        hidden = torch.cat((block.hidden[:1], block.hidden[1:].repeat_interleave(m, dim=0)))
+        row_parents = torch.cat((torch.tensor([root], device=parents.device), parents.flatten()))
+        logits = self.drafter.conditional_logits(self.target, hidden, row_parents)
+        tokens, logprobs = top_k_logprobs(logits, config.draft_top_k)
+        clock.lap("head")
+        return conditional_tree(root, parents.cpu(), tokens.cpu(), logprobs.cpu(), budget)
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        config: DecodeConfig | None = None,
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> DecodeResult:
+        """Generate from token ids. `on_tokens` is called with each round's committed tokens."""
+        config = config or DecodeConfig()
+        target, drafter, method = self.target, self.drafter, config.method
+        if method != "ar" and drafter is None:
+            raise TreeFlashError(f"method {method!r} needs a drafter; pass one, or use method 'ar'")
+        if method == "treeflash" and drafter.ar_approximation is None:
+            raise TreeFlashError("method 'treeflash' needs a drafter with a TreeFlash head; use 'ddtree' with this one")
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise TreeFlashError("the prompt is empty; pass at least one token")
+        if len(prompt_ids) >= target.max_length:
+            raise TreeFlashError(
+                f"the prompt has {len(prompt_ids)} tokens but the target's context holds {target.max_length}; "
+                "shorten the prompt"
+            )
+        vocab = target.embed_tokens.weight.shape[0]
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise TreeFlashError(f"the prompt has token ids outside the target's vocabulary [0, {vocab})")
+
+        depth = 0 if method == "ar" else drafter.block_size - 1
+        budget = {"ar": 0, "dflash": depth}[method] if method in ("ar", "dflash") else DEFAULT_BUDGET
+        if config.budget is not None and method != "ar":
+            budget = config.budget
+        sampling = config.sampling
+        if not sampling.greedy and sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
+        eos = set(target.eos_token_ids) if config.stop_at_eos else set()
+        feature_layers = drafter.config.target_layer_ids if method != "ar" else ()
+
+        n = len(prompt_ids)
+        capacity = min(target.max_length, n + config.max_new_tokens + budget + 1)
+        cache = target.new_cache(capacity)
+        dcache = drafter.new_cache(capacity) if method != "ar" else None
+        device = target.device
+
+        clock = _Clock(device)
+        start = time.perf_counter()
+        out = target.forward(
+            torch.tensor(prompt_ids, device=device), torch.arange(n, device=device), cache,
+            feature_layers=feature_layers, logits_rows=slice(n - 1, n),
+        )
+        cache.advance(n)
+        first = int(choose_tokens(out.logits, torch.tensor([n]), sampling)[0])
+        features = out.features  # [n, k*H]: context the drafter has not seen yet
+        committed = [first]
+        clock.lap("prefill")
+        if on_tokens:
+            on_tokens([first])
+
+        acceptance, stop = [], None
+        if first in eos:
+            stop = "eos"
+        elif config.max_new_tokens <= 1:
+            stop = "max_new_tokens"
+        while stop is None:
+            root_position = cache.length  # the root is the last committed token
+            if root_position + 1 >= target.max_length:
+                stop = "context"
+                break
+            tree = self._draft_tree(method, committed[-1], features, dcache, budget, config, clock)
+            room = target.max_length - 1 - root_position  # deepest node the context can hold
+            if int(tree.depths.max()) > room:
+                tree = _prune_depth(tree, room)
+            positions = (root_position + tree.depths).to(device)
+            mask = None
+            if tree.size > 0:
+                mask = torch.ones(tree.size + 1, root_position + tree.size + 1, dtype=torch.bool, device=device)
+                mask[:, root_position:] = tree_attention_mask(tree).to(device)
+            clock.lap("tree")
+
+            out = target.forward(
+                tree.tokens.to(device), positions, cache, mask=mask, feature_layers=feature_layers,
+            )
+            chosen = choose_tokens(out.logits, positions + 1, sampling).cpu()
+            clock.lap("verify")
+
+            accepted = follow(tree, chosen)
+            keep = torch.tensor(accepted.path, device=device)
+            cache.compact(keep)
+            if feature_layers:
+                features = out.features[keep]
+            new = accepted.committed
+            acceptance.append(len(accepted.tokens))
+            room_left = config.max_new_tokens - len(committed)
+            for i, token in enumerate(new):
+                if token in eos:
+                    new, stop = new[: i + 1], "eos"
+                    break
+            if len(new) >= room_left:
+                new, stop = new[:room_left], stop or "max_new_tokens"
+            committed.extend(new)
+            clock.lap("commit")
+            if on_tokens:
+                on_tokens(new)
+
+        seconds = time.perf_counter() - start
+        text = target.tokenizer.decode(committed, skip_special_tokens=True) if target.tokenizer is not None else None
+        return DecodeResult(
+            method=method,
+            prompt_ids=prompt_ids,
+            token_ids=committed,
+            rounds=len(acceptance),
+            acceptance_lengths=acceptance,
+            stage_seconds={k: v for k, v in clock.seconds.items() if v > 0 or k != "head"},
+            seconds=seconds,
+            stop_reason=stop,
+            budget=budget,
+            seed=None if sampling.greedy else sampling.seed,
+            text=text,
+        )
+
+
+def _prune_depth(tree: DraftTree, max_depth: int) -> DraftTree:
+    """Drop nodes deeper than `max_depth` (near the context limit). Parents precede children and are never
+    deeper, so the kept nodes stay prefix-closed; parent indices are renumbered."""
+    keep = (tree.depths <= max_depth).nonzero().flatten()
+    new_index = torch.full_like(tree.parents, -1)
+    new_index[keep] = torch.arange(keep.numel())
+    parents = tree.parents[keep].clone()
+    parents[1:] = new_index[parents[1:]]
+    return DraftTree(tokens=tree.tokens[keep], parents=parents, depths=tree.depths[keep], scores=tree.scores[keep])

@@ -1,0 +1,463 @@
+"""The DFlash block drafter and the TreeFlash AR-approximation head.
+
+Glossary:
+  block      `[anchor, MASK x (b-1)]`: the anchor is the last committed token (the bonus token the target
+             has not run on yet) at position p; output k (1..b-1) predicts the token at position p + k.
+  marginal   the drafter's distribution at one block position, conditioned on the context only.
+  context    fused target features of committed positions strictly before the anchor:
+             `hidden_norm(fc(concat(target layer outputs)))`, one H-wide vector per position.
+  conditional  the head's distribution at position k given a candidate token c at position k - 1.
+
+Architecture (matches the public z-lab DFlash and ETH TreeFlash checkpoints): Qwen3-style decoder layers of
+the target's width; in every layer the block's queries attend, without a causal mask, to keys/values of
+[context features ; block hidden states] ("KV injection"); no embedding or LM head of its own: the target's
+are used, frozen. The drafter caches only the context keys/values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import KVCache
+from .errors import TreeFlashError
+from .targets import Target, apply_rotary
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def default_target_layer_ids(num_target_layers: int, count: int = 5) -> tuple[int, ...]:
+    """`count` target layers spread evenly from layer 1 to layer L-3 (DFlash's choice)."""
+    if num_target_layers < 4:
+        return tuple(range(num_target_layers))
+    if count == 1:
+        return (num_target_layers // 2,)
+    span = num_target_layers - 4
+    return tuple(int(round(1 + i * span / (count - 1))) for i in range(count))
+
+
+def default_mask_token_id(target: Target) -> int:
+    """A token id that has an embedding row but never appears in ordinary text.
+
+    Prefers a spare embedding row past the tokenizer's vocabulary (Qwen3: 151669); otherwise the last
+    special token that the chat template and bos/eos/pad do not use (SmolLM2: 16, `<empty_output>`).
+    """
+    rows = target.embed_tokens.weight.shape[0]
+    tok = target.tokenizer
+    if tok is None:
+        return rows - 1
+    if rows > len(tok):
+        return len(tok)
+    used = {getattr(tok, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    template = getattr(tok, "chat_template", None) or ""
+    specials = sorted(
+        (i for i, t in tok.added_tokens_decoder.items() if t.special and i not in used and t.content not in template),
+        reverse=True,
+    )
+    if not specials:
+        raise TreeFlashError("found no unused special token to serve as the mask token; pass mask_token_id")
+    return specials[0]
+
+
+@dataclasses.dataclass
+class DrafterConfig:
+    """Shape and wiring of a drafter. Field names follow the public DFlash/TreeFlash config.json."""
+
+    hidden_size: int  # H, the target's hidden size
+    intermediate_size: int  # MLP width of the drafter layers
+    num_hidden_layers: int  # drafter depth (DFlash: 5 for 36-layer targets)
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int  # the target's vocabulary (its LM head's rows)
+    num_target_layers: int  # L of the target the drafter was built for
+    target_layer_ids: tuple[int, ...]  # target decoder layers whose outputs form the context features
+    mask_token_id: int  # the MASK token filling the block after the anchor
+    block_size: int = 16  # b: anchor + b-1 drafted positions
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict = dataclasses.field(default_factory=lambda: {"rope_type": "default", "rope_theta": 1e6})
+    max_position_embeddings: int = 32768
+    ar_head: bool = True  # has a TreeFlash AR-approximation head (zero-initialised = plain DFlash)
+    candidate_tokens: int = 16  # m: candidate parents per position for the head's second stage
+    ar_intermediate_size: int | None = None  # I of the head's SwiGLU; defaults to intermediate_size
+    target: str | None = None  # name of the target, for humans and error messages
+
+    def __post_init__(self):
+        self.target_layer_ids = tuple(int(i) for i in self.target_layer_ids)
+        if self.ar_intermediate_size is None:
+            self.ar_intermediate_size = self.intermediate_size
+
+    @classmethod
+    def for_target(cls, target: Target, num_hidden_layers: int = 5, block_size: int = 16, **overrides):
+        """A drafter shaped like `target`'s layers, reading 5 evenly spread target layers."""
+        c = target.config
+        fields = dict(
+            hidden_size=target.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=target.num_heads,
+            num_key_value_heads=target.num_kv_heads,
+            head_dim=target.head_dim,
+            vocab_size=target.vocab_size,
+            num_target_layers=target.num_layers,
+            target_layer_ids=default_target_layer_ids(target.num_layers),
+            mask_token_id=default_mask_token_id(target),
+            block_size=block_size,
+            rms_norm_eps=c.rms_norm_eps,
+            rope_parameters=dict(c.rope_parameters),
+            max_position_embeddings=target.max_length,
+            target=target.name,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def qwen3_config(self):
+        from transformers import Qwen3Config
+
+        return Qwen3Config(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            vocab_size=self.vocab_size,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=dict(self.rope_parameters),
+            max_position_embeddings=self.max_position_embeddings,
+            attention_bias=False,
+            tie_word_embeddings=False,
+        )
+
+    def to_json_dict(self) -> dict:
+        """A Qwen3-style config.json with the DFlash fields (and TreeFlash's when there is a head)."""
+        d = self.qwen3_config().to_dict()
+        for key in ("_name_or_path", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
+                    "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder"):
+            d.pop(key, None)
+        rope = dict(self.rope_parameters)
+        d["rope_theta"] = rope.get("rope_theta")  # older readers (SGLang, vLLM) look here
+        d["architectures"] = ["TreeFlashDraftModel" if self.ar_head else "DFlashDraftModel"]
+        d["block_size"] = self.block_size
+        d["num_target_layers"] = self.num_target_layers
+        d["dflash_config"] = {"target_layer_ids": list(self.target_layer_ids), "mask_token_id": self.mask_token_id}
+        if self.ar_head:
+            d["treeflash_config"] = {
+                "ar_approximation": "swiglu",
+                "candidate_tokens": self.candidate_tokens,
+                "ar_intermediate_size": self.ar_intermediate_size,
+            }
+        if self.target:
+            d["target_model"] = self.target
+        return d
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> "DrafterConfig":
+        try:
+            dflash = d["dflash_config"]
+            rope = d.get("rope_parameters") or {"rope_type": "default", "rope_theta": d.get("rope_theta", 1e6)}
+            if d.get("rope_scaling"):
+                rope = {**d["rope_scaling"], "rope_theta": d.get("rope_theta", 1e6)}
+                rope.setdefault("rope_type", rope.pop("type", "default"))
+            head = d.get("treeflash_config")
+            return cls(
+                hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"],
+                num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=d["num_attention_heads"],
+                num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+                head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+                vocab_size=d["vocab_size"],
+                num_target_layers=d["num_target_layers"],
+                target_layer_ids=tuple(dflash["target_layer_ids"]),
+                mask_token_id=dflash["mask_token_id"],
+                block_size=d.get("block_size", 16),
+                rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                rope_parameters=rope,
+                max_position_embeddings=d.get("max_position_embeddings", 32768),
+                ar_head=head is not None,
+                candidate_tokens=(head or {}).get("candidate_tokens", 16),
+                ar_intermediate_size=(head or {}).get("ar_intermediate_size"),
+                target=d.get("target_model"),
+            )
+        except KeyError as e:
+            raise TreeFlashError(
+                f"drafter config.json lacks the field {e.args[0]!r}; it is not a DFlash/TreeFlash drafter config"
+            ) from None
+
+
+class ARHead(nn.Module):
+    """TreeFlash's AR-approximation head: a correction of the drafter's hidden state at position k for a
+    candidate token c at position k - 1. Zero-initialised output, so an untrained head is plain DFlash."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, eps: float):
+        super().__init__()
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+        self.norm = Qwen3RMSNorm(hidden_size, eps=eps)
+        self.ug = nn.Linear(2 * hidden_size, 2 * intermediate_size, bias=True)
+        self.d = nn.Linear(intermediate_size, hidden_size, bias=False)
+        nn.init.zeros_(self.d.weight)
+
+    def forward(self, parent_embeds: Tensor, hidden_normed: Tensor) -> Tensor:
+        """parent_embeds [R, H] (target embedding of c), hidden_normed [R, H] -> delta [R, H]."""
+        x = torch.cat((self.norm(parent_embeds), hidden_normed), dim=-1)
+        u, g = self.ug(x).chunk(2, dim=-1)
+        return self.d(F.silu(g) * u)
+
+
+@dataclasses.dataclass
+class BlockDraft:
+    hidden: Tensor  # [b-1, H] drafter hidden states (before the final norm) of block positions 1..b-1
+    logits: Tensor  # [b-1, V] float32 marginal logits of positions 1..b-1
+
+
+class Drafter(nn.Module):
+    """DFlash drafter (+ optional TreeFlash head). Embedding and LM head are borrowed from the target at
+    call time and never trained or saved."""
+
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
+
+        self.config = config
+        qwen3 = config.qwen3_config()
+        H = config.hidden_size
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(qwen3, i) for i in range(config.num_hidden_layers))
+        self.fc = nn.Linear(len(config.target_layer_ids) * H, H, bias=False)
+        self.hidden_norm = Qwen3RMSNorm(H, eps=config.rms_norm_eps)
+        self.norm = Qwen3RMSNorm(H, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3RotaryEmbedding(qwen3)
+        self.ar_approximation = (
+            ARHead(H, config.ar_intermediate_size, config.rms_norm_eps) if config.ar_head else None
+        )
+        self._init_weights(qwen3.initializer_range)
+
+    def _init_weights(self, std: float):
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and not name.endswith("ar_approximation.d"):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def new_cache(self, capacity: int) -> KVCache:
+        c = self.config
+        p = next(self.parameters())
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, p.dtype, p.device)
+
+    def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        probe = torch.empty(1, dtype=next(self.parameters()).dtype, device=positions.device)
+        cos, sin = self.rotary_emb(probe, positions[None])
+        return cos[0], sin[0]
+
+    def fuse(self, target_features: Tensor) -> Tensor:
+        """Target layer outputs [n, k*H] -> context features [n, H]."""
+        return self.hidden_norm(self.fc(target_features))
+
+    def forward_block(
+        self,
+        block_embeds: Tensor,
+        block_positions: Tensor,
+        context: Tensor,
+        context_positions: Tensor,
+        cache: KVCache | None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The drafter layers over one block (or several, in training).
+
+        block_embeds [n, H] with positions [n]; context [c, H] fused features with positions [c], appended
+        to `cache` if one is given (their keys/values are then committed; the block's never are).
+        context_mask [n, (cached) + c + n] bool, None = every block row sees everything (inference).
+        Returns the block's hidden states [n, H] before the final norm.
+        """
+        n, c = block_embeds.shape[0], context.shape[0]
+        cos, sin = self.rotary(torch.cat((context_positions, block_positions)))
+        h = block_embeds
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            kv_input = torch.cat((context, x), dim=0)  # [c + n, H]: context features are not re-normed
+            q = attn.q_norm(attn.q_proj(x).view(n, -1, attn.head_dim)).transpose(0, 1)
+            k = attn.k_norm(attn.k_proj(kv_input).view(c + n, -1, attn.head_dim)).transpose(0, 1)
+            v = attn.v_proj(kv_input).view(c + n, -1, attn.head_dim).transpose(0, 1)
+            q = apply_rotary(q, cos[c:], sin[c:])
+            k = apply_rotary(k, cos, sin)
+            if cache is not None:
+                k, v = cache.write(index, k, v)
+            out = F.scaled_dot_product_attention(
+                q[None], k[None], v[None], attn_mask=context_mask, scale=attn.scaling, enable_gqa=True
+            )[0]
+            h = h + attn.o_proj(out.transpose(0, 1).reshape(n, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if cache is not None:
+            cache.advance(c)
+        return h
+
+    @torch.inference_mode()
+    def draft(self, target: Target, anchor: int, new_features: Tensor, cache: KVCache) -> BlockDraft:
+        """One drafting pass: add the target features of newly committed positions [c, k*H] to the
+        context, then draft the block after `anchor`, which sits right after the context."""
+        context = self.fuse(new_features.to(self.fc.weight.dtype))
+        start = cache.length
+        context_positions = torch.arange(start, start + context.shape[0], device=context.device)
+        p = start + context.shape[0]  # the anchor's position
+        b = self.block_size
+        block = torch.full((b,), self.config.mask_token_id, dtype=torch.long, device=context.device)
+        block[0] = anchor
+        block_positions = torch.arange(p, p + b, device=context.device)
+        embeds = target.embed_tokens(block).to(context.dtype)
+        h = self.forward_block(embeds, block_positions, context, context_positions, cache)[1:]
+        return BlockDraft(hidden=h, logits=self.logits(target, h))
+
+    def logits(self, target: Target, hidden: Tensor) -> Tensor:
+        """Drafter hidden states [n, H] (pre-norm) -> float32 logits [n, V] through the target's LM head."""
+        return target.lm_head(self.norm(hidden).to(target.dtype)).float()
+
+    def conditional_logits(self, target: Target, hidden: Tensor, parents: Tensor) -> Tensor:
+        """TreeFlash stage 2. hidden [R, H] (the drafter state at each row's position), parents [R] (the
+        candidate token at the previous position) -> conditional logits [R, V]."""
+        if self.ar_approximation is None:
+            raise TreeFlashError("this drafter has no TreeFlash head; use --method ddtree or a TreeFlash drafter")
+        embeds = target.embed_tokens(parents).to(hidden.dtype)
+        delta = self.ar_approximation(embeds, self.norm(hidden))
+        return self.logits(target, hidden + delta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: config.json + model.safetensors.
+# Without a head we write the z-lab DFlash layout (`layers.*`, `fc`, `hidden_norm`, `norm`), loadable by
+# SGLang and vLLM; with a head, the ETH TreeFlash layout (the same under `model.*`, plus
+# `ar_approximation.*`). Both layouts load.
+
+
+def _state_dict_for_save(drafter: Drafter) -> dict[str, Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in drafter.state_dict().items()}
+    if drafter.ar_approximation is None:
+        return sd
+    return {(k if k.startswith("ar_approximation.") else f"model.{k}"): v for k, v in sd.items()}
+
+
+def save_drafter(drafter: Drafter, path: str | Path, dtype: torch.dtype | None = None, extra: dict | None = None):
+    """Write `path`/config.json and `path`/model.safetensors (optionally cast to `dtype`)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = drafter.config.to_json_dict()
+    sd = _state_dict_for_save(drafter)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    config["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    if extra:
+        config.update(extra)
+    tmp = path / (WEIGHTS_FILE + ".tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / WEIGHTS_FILE)
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_drafter(path: str | Path, target: Target | None = None, dtype: torch.dtype | None = None) -> Drafter:
+    """Load a drafter in our, the z-lab DFlash or the ETH TreeFlash layout, checked against `target`.
+
+    It runs in `dtype`, else in the target's dtype, else in the checkpoint's."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise TreeFlashError(f"drafter directory {path} does not exist; pass a folder with config.json and *.safetensors")
+    config_file = path / CONFIG_FILE
+    if not config_file.exists():
+        raise TreeFlashError(f"{path} has no config.json; it is not a drafter checkpoint")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise TreeFlashError(f"{config_file} is not valid JSON ({e}); restore the file or re-save the drafter") from None
+    weight_files = sorted(path.glob("*.safetensors"))
+    if not weight_files:
+        raise TreeFlashError(f"{path} has no .safetensors weights; the checkpoint is incomplete")
+    sd: dict[str, Tensor] = {}
+    for f in weight_files:
+        try:
+            sd.update(load_file(str(f)))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise TreeFlashError(f"{f} is corrupted or truncated ({e}); download or save the drafter again") from None
+    has_head = any(k.startswith("ar_approximation.") for k in sd)
+    if has_head and "treeflash_config" not in raw:
+        raw["treeflash_config"] = {}
+    config = DrafterConfig.from_json_dict(raw)
+    if has_head and config.ar_intermediate_size == config.intermediate_size and "ar_approximation.d.weight" in sd:
+        config.ar_intermediate_size = sd["ar_approximation.d.weight"].shape[1]
+    config.ar_head = has_head or config.ar_head
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    drafter = Drafter(config).to(next(iter(sd.values())).dtype)
+    if not has_head and config.ar_head:
+        sd.update({f"ar_approximation.{k}": v for k, v in drafter.ar_approximation.state_dict().items()})
+    try:
+        drafter.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise TreeFlashError(
+            f"the weights in {path} do not match its config.json ({' '.join(first[:2])[:300]}); "
+            "the checkpoint is inconsistent or for another architecture"
+        ) from None
+    if target is not None:
+        check_compatible(drafter, target)
+        drafter.to(device=target.device, dtype=dtype or target.dtype)
+    elif dtype is not None:
+        drafter.to(dtype)
+    drafter.eval()
+    drafter.requires_grad_(False)
+    return drafter
+
+
+def check_compatible(drafter: Drafter, target: Target) -> None:
+    """Raise TreeFlashError if `drafter` was not built for a target shaped like `target`."""
+    c = drafter.config
+    who = f"drafter for {c.target!r}" if c.target else "drafter"
+    if c.hidden_size != target.hidden_size:
+        raise TreeFlashError(
+            f"{who} has hidden size {c.hidden_size} but target {target.name!r} has {target.hidden_size}; "
+            "use a drafter trained for this target"
+        )
+    if c.vocab_size != target.vocab_size:
+        raise TreeFlashError(
+            f"{who} has vocabulary {c.vocab_size} but target {target.name!r} has {target.vocab_size}; "
+            "use a drafter trained for this target"
+        )
+    if c.num_target_layers != target.num_layers or max(c.target_layer_ids) >= target.num_layers:
+        raise TreeFlashError(
+            f"{who} reads target layers {list(c.target_layer_ids)} of a {c.num_target_layers}-layer model but "
+            f"target {target.name!r} has {target.num_layers} layers; use a drafter trained for this target"
+        )
+    if not 0 <= c.mask_token_id < target.embed_tokens.weight.shape[0]:
+        raise TreeFlashError(
+            f"{who} uses mask token {c.mask_token_id}, outside target {target.name!r}'s embedding; "
+            "use a drafter trained for this target"
+        )
+
+
+def new_drafter(target: Target, num_hidden_layers: int = 5, block_size: int = 16, seed: int = 0, **overrides) -> Drafter:
+    """An untrained drafter shaped for `target` (its head, if any, is zero: it drafts like DFlash)."""
+    if block_size < 2:
+        raise TreeFlashError(f"block size must be at least 2 (an anchor and one drafted position); got {block_size}")
+    if num_hidden_layers < 1:
+        raise TreeFlashError(f"a drafter needs at least one layer; got {num_hidden_layers}")
+    config = DrafterConfig.for_target(target, num_hidden_layers=num_hidden_layers, block_size=block_size, **overrides)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # nn.Linear's default init uses the global RNG; keep creation reproducible
+    try:
+        drafter = Drafter(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return drafter.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)

