@@ -57,3 +57,40 @@ def greedy_reference(target: Target, prompt: list[int], steps: int) -> list[int]
 
 
 __all__ = ["tiny_target", "tiny_drafter", "greedy_reference", "Drafter", "DrafterConfig", "VOCAB"]
+
+
+class OracleDrafter(Drafter):
+    """Proposes a known continuation (the target's own greedy output): tau must approach the block size.
+
+    The drafted position is smuggled through `hidden[:, 0]` so that its head can answer per row too."""
+
+    def __init__(self, target: Target, sequence: list[int], block_size: int = 8):
+        config = DrafterConfig.for_target(target, num_hidden_layers=1, block_size=block_size,
+                                          target_layer_ids=(1,), mask_token_id=target.vocab_size - 1)
+        super().__init__(config)
+        self.sequence = sequence
+        self.vocab = target.vocab_size
+
+    def _rows(self, positions: list[int]) -> torch.Tensor:
+        logits = torch.zeros(len(positions), self.vocab)
+        for row, p in enumerate(positions):
+            if p < len(self.sequence):
+                logits[row, self.sequence[p]] = 30.0
+        return logits
+
+    def draft(self, target, anchor, new_features, cache):
+        from treeflash.drafters import BlockDraft
+
+        cache.advance(new_features.shape[0])
+        p = cache.length  # the anchor's position
+        assert p >= len(self.sequence) or self.sequence[p] == anchor, "anchor off the known sequence"
+        positions = list(range(p + 1, p + self.block_size))
+        hidden = torch.zeros(len(positions), self.config.hidden_size)
+        hidden[:, 0] = torch.tensor(positions, dtype=torch.float)
+        return BlockDraft(hidden=hidden, logits=self._rows(positions))
+
+    def conditional_logits(self, target, hidden, parents):
+        return self._rows([int(p) for p in hidden[:, 0]])
+
+
+__all__.append("OracleDrafter")

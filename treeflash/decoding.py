@@ -170,14 +170,14 @@ class Decoder:
             tokens, logprobs = top_k_logprobs(block.logits, min(budget, block.logits.shape[-1]))
             return marginal_tree(root, tokens.cpu(), logprobs.cpu(), budget)
         # treeflash: candidate parents at depths 1..D-1 are the top-m tokens of those marginals.
-        m = config.candidate_tokens or self.drafter.config.candidate_tokens
-        depth = block.logits.shape[0]
+        depth, vocab = block.logits.shape
+        m = min(config.candidate_tokens or self.drafter.config.candidate_tokens, vocab)
         parents = block.logits[: depth - 1].topk(m, dim=-1).indices  # [D-1, m]
         # Row 0: depth-1 children of the root; row 1 + (d-1)*m + j: children at depth d+1 of parents[d-1, j].
         hidden = torch.cat((block.hidden[:1], block.hidden[1:].repeat_interleave(m, dim=0)))
         row_parents = torch.cat((torch.tensor([root], device=parents.device), parents.flatten()))
         logits = self.drafter.conditional_logits(self.target, hidden, row_parents)
-        tokens, logprobs = top_k_logprobs(logits, config.draft_top_k)
+        tokens, logprobs = top_k_logprobs(logits, min(config.draft_top_k, vocab))
         clock.lap("head")
         return conditional_tree(root, parents.cpu(), tokens.cpu(), logprobs.cpu(), budget)
 
@@ -220,9 +220,10 @@ class Decoder:
         feature_layers = drafter.config.target_layer_ids if method != "ar" else ()
 
         n = len(prompt_ids)
-        capacity = min(target.max_length, n + config.max_new_tokens + budget + 1)
-        cache = target.new_cache(capacity)
-        dcache = drafter.new_cache(capacity) if method != "ar" else None
+        # Slots, not positions: a whole tree is written after the committed tokens even near the context limit.
+        cache = target.new_cache(min(target.max_length, n + config.max_new_tokens) + budget + 1)
+        # The drafter caches committed context and writes its whole block after it.
+        dcache = drafter.new_cache(n + config.max_new_tokens + drafter.block_size) if method != "ar" else None
         device = target.device
 
         clock = _Clock(device)
@@ -250,7 +251,8 @@ class Decoder:
                 stop = "context"
                 break
             tree = self._draft_tree(method, committed[-1], features, dcache, budget, config, clock)
-            room = target.max_length - 1 - root_position  # deepest node the context can hold
+            # A node at depth d predicts the token at root_position + d + 1, which must fit in the context.
+            room = target.max_length - 2 - root_position
             if int(tree.depths.max()) > room:
                 tree = _prune_depth(tree, room)
             positions = (root_position + tree.depths).to(device)

@@ -26,14 +26,15 @@ from torch import Tensor, nn
 
 from .cache import KVCache
 from .errors import TreeFlashError
-from .targets import Target, apply_rotary
+from .targets import Target, apply_rotary, upcast
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
 def default_target_layer_ids(num_target_layers: int, count: int = 5) -> tuple[int, ...]:
-    """`count` target layers spread evenly from layer 1 to layer L-3 (DFlash's choice)."""
+    """`count` target layers spread evenly from layer 1 to layer L-3 (DFlash's choice, with `count` equal
+    to the drafter's depth; Python's round() rounds halves to even, as theirs does)."""
     if num_target_layers < 4:
         return tuple(range(num_target_layers))
     if count == 1:
@@ -95,7 +96,8 @@ class DrafterConfig:
 
     @classmethod
     def for_target(cls, target: Target, num_hidden_layers: int = 5, block_size: int = 16, **overrides):
-        """A drafter shaped like `target`'s layers, reading 5 evenly spread target layers."""
+        """A drafter shaped like `target`'s layers, reading as many evenly spread target layers as it has
+        layers of its own (DFlash's default)."""
         c = target.config
         fields = dict(
             hidden_size=target.hidden_size,
@@ -106,7 +108,7 @@ class DrafterConfig:
             head_dim=target.head_dim,
             vocab_size=target.vocab_size,
             num_target_layers=target.num_layers,
-            target_layer_ids=default_target_layer_ids(target.num_layers),
+            target_layer_ids=default_target_layer_ids(target.num_layers, num_hidden_layers),
             mask_token_id=default_mask_token_id(target),
             block_size=block_size,
             rms_norm_eps=c.rms_norm_eps,
@@ -166,6 +168,8 @@ class DrafterConfig:
                 rope = {**d["rope_scaling"], "rope_theta": d.get("rope_theta", 1e6)}
                 rope.setdefault("rope_type", rope.pop("type", "default"))
             head = d.get("treeflash_config")
+            if head is None and d.get("ar_approximation"):  # ETH also reads these top-level fields
+                head = {"ar_approximation": d["ar_approximation"], "candidate_tokens": d.get("candidate_tokens", 16)}
             return cls(
                 hidden_size=d["hidden_size"],
                 intermediate_size=d["intermediate_size"],
@@ -196,11 +200,11 @@ class ARHead(nn.Module):
     """TreeFlash's AR-approximation head: a correction of the drafter's hidden state at position k for a
     candidate token c at position k - 1. Zero-initialised output, so an untrained head is plain DFlash."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, eps: float):
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-        self.norm = Qwen3RMSNorm(hidden_size, eps=eps)
+        self.norm = Qwen3RMSNorm(hidden_size, eps=1e-6)  # fixed, as in the ETH checkpoints
         self.ug = nn.Linear(2 * hidden_size, 2 * intermediate_size, bias=True)
         self.d = nn.Linear(intermediate_size, hidden_size, bias=False)
         nn.init.zeros_(self.d.weight)
@@ -215,7 +219,7 @@ class ARHead(nn.Module):
 @dataclasses.dataclass
 class BlockDraft:
     hidden: Tensor  # [b-1, H] drafter hidden states (before the final norm) of block positions 1..b-1
-    logits: Tensor  # [b-1, V] float32 marginal logits of positions 1..b-1
+    logits: Tensor  # [b-1, V] marginal logits (at least float32) of positions 1..b-1
 
 
 class Drafter(nn.Module):
@@ -235,7 +239,7 @@ class Drafter(nn.Module):
         self.norm = Qwen3RMSNorm(H, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen3RotaryEmbedding(qwen3)
         self.ar_approximation = (
-            ARHead(H, config.ar_intermediate_size, config.rms_norm_eps) if config.ar_head else None
+            ARHead(H, config.ar_intermediate_size) if config.ar_head else None
         )
         self._init_weights(qwen3.initializer_range)
 
@@ -320,8 +324,8 @@ class Drafter(nn.Module):
         return BlockDraft(hidden=h, logits=self.logits(target, h))
 
     def logits(self, target: Target, hidden: Tensor) -> Tensor:
-        """Drafter hidden states [n, H] (pre-norm) -> float32 logits [n, V] through the target's LM head."""
-        return target.lm_head(self.norm(hidden).to(target.dtype)).float()
+        """Drafter hidden states [n, H] (pre-norm) -> logits [n, V] (at least float32) via the target's LM head."""
+        return upcast(target.lm_head(self.norm(hidden).to(target.dtype)))
 
     def conditional_logits(self, target: Target, hidden: Tensor, parents: Tensor) -> Tensor:
         """TreeFlash stage 2. hidden [R, H] (the drafter state at each row's position), parents [R] (the

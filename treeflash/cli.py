@@ -1,0 +1,146 @@
+"""`treeflash` command line: a thin layer over the Python API. Flags map one-to-one onto DecodeConfig."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from .decoding import METHODS, STAGES, DecodeConfig
+from .errors import TreeFlashError
+
+
+def _add_model_flags(p: argparse.ArgumentParser, drafter: bool = True) -> None:
+    p.add_argument("--target", default=None,
+                   help="Hugging Face model directory or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    if drafter:
+        p.add_argument("--drafter", default=None,
+                       help="drafter checkpoint directory (DFlash, TreeFlash or ours); 'untrained' for a fresh one "
+                            "(default: the drafter shipped for the target)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default: float32)")
+
+
+def _add_decode_flags(p: argparse.ArgumentParser) -> None:
+    d = DecodeConfig()
+    p.add_argument("--method", choices=METHODS, default=d.method, help=f"decoding method (default: {d.method})")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=int, default=None,
+                        help="draft nodes per round, the root not counted, as in DDTree (default: 64 for trees, "
+                             "block size - 1 for dflash)")
+    budget.add_argument("--tree-size", type=int, default=None,
+                        help="the same, counting the root as ETH's TreeFlash does (tree size = budget + 1)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"(default: {d.max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus filtering at temperature > 0 (default: 1)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="top-k filtering at temperature > 0 (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random, reported)")
+    p.add_argument("--draft-top-k", type=int, default=d.draft_top_k,
+                   help=f"TreeFlash: children kept per conditional row (default: {d.draft_top_k})")
+    p.add_argument("--candidate-tokens", type=int, default=None,
+                   help="TreeFlash: candidate parents per position, m (default: the drafter's, 16)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def decode_config_from_args(args: argparse.Namespace) -> DecodeConfig:
+    from .trees import budget_from_tree_size
+
+    budget = args.budget if args.tree_size is None else budget_from_tree_size(args.tree_size)
+    return DecodeConfig(
+        method=args.method, budget=budget, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed, draft_top_k=args.draft_top_k,
+        candidate_tokens=args.candidate_tokens, stop_at_eos=not args.ignore_eos,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .api import load
+
+    config = decode_config_from_args(args)  # validate flags before loading anything
+    drafter = "none" if config.method == "ar" and args.drafter is None else args.drafter
+    decoder = load(args.target, drafter, device=args.device, dtype=args.dtype)
+    if args.json:
+        result = decoder.generate_text(args.prompt, config, chat=not args.no_chat)
+        print(json.dumps(result.to_dict()))
+        return 0
+
+    tokenizer = decoder.target.tokenizer
+    committed: list[int] = []
+    shown = 0
+
+    def stream(tokens: list[int]) -> None:
+        nonlocal shown
+        committed.extend(tokens)
+        text = tokenizer.decode(committed, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+
+    result = decoder.generate_text(args.prompt, config, chat=not args.no_chat, on_tokens=stream)
+    sys.stdout.write("\n")
+    stages = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in result.stage_seconds.items() if k in STAGES)
+    print(
+        f"[{result.method}] {result.new_tokens} tokens in {result.rounds} rounds, tau {result.tau:.2f}, "
+        f"{result.seconds:.2f} s, {result.tokens_per_second:.1f} tokens/s, stop: {result.stop_reason}"
+        + (f", seed {result.seed}" if result.seed is not None else "")
+        + f"\n  stages: {stages}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_new_drafter(args: argparse.Namespace) -> int:
+    from .api import parse_dtype
+    from .drafters import new_drafter, save_drafter
+    from .targets import load_target
+
+    target = load_target(args.target)
+    drafter = new_drafter(target, num_hidden_layers=args.layers, block_size=args.block_size, seed=args.seed,
+                          ar_head=not args.no_head)
+    save_drafter(drafter, args.out, dtype=parse_dtype(args.dtype))
+    c = drafter.config
+    print(f"wrote an untrained {c.num_hidden_layers}-layer drafter (block {c.block_size}, target layers "
+          f"{list(c.target_layer_ids)}, mask token {c.mask_token_id}, head: {c.ar_head}) for {target.name} to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="treeflash", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text losslessly with a draft method")
+    g.add_argument("prompt", help="the prompt (one user turn of the chat template unless --no-chat)")
+    g.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_model_flags(g)
+    _add_decode_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    n = sub.add_parser("new-drafter", help="create an untrained drafter for a target")
+    n.add_argument("out", help="output directory")
+    n.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
+    n.add_argument("--layers", type=int, default=5, help="drafter layers (default: 5)")
+    n.add_argument("--block-size", type=int, default=16, help="block size b (default: 16)")
+    n.add_argument("--no-head", action="store_true", help="no TreeFlash head (a plain DFlash drafter)")
+    n.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
+    n.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: float32)")
+    n.set_defaults(func=cmd_new_drafter)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TreeFlashError as e:
+        print(f"treeflash: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("default")
+    sys.exit(main())

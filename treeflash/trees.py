@@ -1,0 +1,271 @@
+"""Draft trees: build (chain, marginal, conditional) and compile (attention mask, positions).
+
+Glossary (fixed here, used everywhere):
+  root     the last committed token: the bonus token of the previous round, which the target has not run on
+           yet. It is entry 0 of every tree and is verified together with the drafted nodes.
+  node     a drafted token in the tree. Every node has exactly one parent (the root or another node).
+  budget   B, the number of drafted nodes, the root NOT counted (DDTree's convention). A tree of budget B
+           sends B + 1 tokens to the target. ETH's `tree_size` counts the root: tree_size = B + 1.
+  depth    the number of edges from the root to a node; the root has depth 0. A node at depth d predicts the
+           token at absolute position `root_position + d`.
+  marginal q_d(y), the drafter's distribution for the token at depth d given the context only (DFlash, DDTree).
+  conditional q_d(y | parent token), the TreeFlash head's distribution at depth d given the parent's token.
+  score    the drafter's log-probability of the path root -> node: a sum of marginal (DDTree) or
+           conditional (TreeFlash) log-probs along the path.
+
+All three methods build their tree with one best-first search, `best_first_tree`, over a small table of
+"rows": row r lists the top-k children (tokens and log-probs, sorted best first) that a node drawing its
+children from row r gets, and `next_row` says which row the children of each of those children come from.
+A chain is k = 1; DDTree has one row per depth; TreeFlash has one row per (depth, candidate parent token).
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import TreeFlashError
+
+__all__ = [
+    "DraftTree",
+    "best_first_tree",
+    "budget_from_tree_size",
+    "chain_tree",
+    "check_budget",
+    "conditional_tree",
+    "marginal_tree",
+    "top_k_logprobs",
+    "tree_attention_mask",
+    "tree_positions",
+]
+
+
+# eq=False: fields are tensors, so the generated __eq__ would be ambiguous; identity is what callers need.
+@dataclass(frozen=True, eq=False)
+class DraftTree:
+    """A draft tree in best-first order: every node's parent comes before it.
+
+    Entry 0 is the root; entries 1..n-1 are the drafted nodes, in the order the search added them
+    (non-increasing score), so any prefix of the entries is itself a valid, prefix-closed tree.
+    """
+
+    tokens: Tensor  # [n] int64, CPU. Entry 0 is the root; entries 1..n-1 are drafted nodes in best-first order
+    parents: Tensor  # [n] int64. parents[0] == -1, parents[i] < i for i >= 1
+    depths: Tensor  # [n] int64. depths[0] == 0, depths[i] == depths[parents[i]] + 1
+    scores: Tensor  # [n] float32. Drafter log-probability of the path root -> i (0 for the root)
+
+    def __post_init__(self):
+        n = self.tokens.shape[0]
+        assert self.tokens.dim() == 1 and n >= 1, "a tree holds at least the root"
+        assert self.parents.shape == self.depths.shape == self.scores.shape == (n,), "tree fields differ in length"
+
+    @property
+    def size(self) -> int:
+        """Number of drafted nodes (the root not counted): at most the budget."""
+        return self.tokens.shape[0] - 1
+
+    @functools.cached_property
+    def children(self) -> list[dict[int, int]]:
+        """Per entry, a map from a child's token to the child's index. Siblings never share a token, because
+        every row of children comes from a top-k."""
+        kids: list[dict[int, int]] = [{} for _ in range(self.tokens.shape[0])]
+        for i, (token, parent) in enumerate(zip(self.tokens.tolist(), self.parents.tolist())):
+            if i:
+                kids[parent][token] = i
+        return kids
+
+
+def check_budget(budget) -> int:
+    """Raise `TreeFlashError` unless `budget` is a whole number of draft nodes >= 1; return it as an int."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
+        raise TreeFlashError(
+            f"budget must be a whole number of draft nodes >= 1 (the root is not counted); got {budget!r}"
+        )
+    return int(budget)
+
+
+def budget_from_tree_size(tree_size) -> int:
+    """Convert ETH TreeFlash's `tree_size` (which counts the root) to a budget (which does not)."""
+    if isinstance(tree_size, bool) or not isinstance(tree_size, numbers.Integral) or tree_size < 2:
+        raise TreeFlashError(
+            f"tree_size counts the root, so it must be a whole number >= 2 (budget = tree_size - 1); got {tree_size!r}"
+        )
+    return int(tree_size) - 1
+
+
+def top_k_logprobs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top-k tokens of each row and their log-probabilities, best first.
+
+    logits: [R, V] any float dtype, any device.
+    Returns (tokens [R, k] int64, logprobs [R, k] float32) on the logits' device.
+    """
+    vocab = logits.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= vocab:
+        raise TreeFlashError(f"top-k must be a whole number between 1 and the vocabulary size {vocab}; got {k!r}")
+    # Only k log-probs are needed, so normalise those k values instead of the whole [R, V] log_softmax; the
+    # normaliser is taken in float32 because bf16 log-probs would tie and reorder the best-first search.
+    values, tokens = logits.topk(int(k), dim=-1)
+    logprobs = values.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+    return tokens, logprobs
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def best_first_tree(root: int, row_tokens: Tensor, row_logprobs: Tensor, next_row: Tensor, budget: int) -> DraftTree:
+    """The `budget` highest-scoring nodes reachable through the row table, found best-first.
+
+    root:          the root token.
+    row_tokens:    [R, k] int64, CPU. Row r holds the top-k children of any node that draws its children from
+                   row r, best first. Row 0 holds the root's children.
+    row_logprobs:  [R, k] float, CPU. Log-prob of each entry given its parent; sorted descending in each row.
+    next_row:      [R, k] int64, CPU. The row holding the children of a node made from entry (r, j), or -1 if
+                   such a node must stay a leaf.
+    budget:        the most drafted nodes to add. The tree is smaller when fewer entries are reachable.
+
+    Because each row is sorted and log-probs are <= 0, a node never outscores its parent or its elder sibling,
+    so the heap only needs each node's next sibling and first child as candidates: the result is exactly the
+    `budget` best paths (ties broken by push order), and nodes come out in non-increasing score. Entries with
+    log-prob -inf (zero drafter probability) are never added.
+    """
+    budget = check_budget(budget)
+    assert row_tokens.shape == row_logprobs.shape == next_row.shape and row_tokens.dim() == 2
+    k = row_tokens.shape[1]
+    # This runs every decode round: per-element tensor indexing costs microseconds, so rows are turned into
+    # Python lists lazily, once each, and only for rows the search reaches (a TreeFlash table has ~225 rows,
+    # a budget-64 search touches far fewer).
+    tokens_np, logprobs_np, next_np = _numpy(row_tokens), _numpy(row_logprobs), _numpy(next_row)
+    rows: dict[int, tuple[list[int], list[float], list[int]]] = {}
+
+    def row(r: int) -> tuple[list[int], list[float], list[int]]:
+        if r not in rows:
+            rows[r] = (tokens_np[r].tolist(), logprobs_np[r].tolist(), next_np[r].tolist())
+        return rows[r]
+
+    tokens, parents, depths, scores = [int(root)], [-1], [0], [0.0]
+    # Heap items: (-score, push order, row, rank, parent index, score). Push order breaks ties
+    # deterministically and keeps tuple comparison away from the later fields.
+    heap: list[tuple[float, int, int, int, int, float]] = []
+    pushes = 0
+
+    def push(r: int, j: int, parent: int) -> None:
+        nonlocal pushes
+        score = scores[parent] + row(r)[1][j]
+        if score > -math.inf:
+            heapq.heappush(heap, (-score, pushes, r, j, parent, score))
+            pushes += 1
+
+    if k > 0 and row_tokens.shape[0] > 0:
+        push(0, 0, 0)
+    while heap and len(tokens) <= budget:
+        _, _, r, j, parent, score = heapq.heappop(heap)
+        row_tok, _, row_next = row(r)
+        node = len(tokens)
+        tokens.append(row_tok[j])
+        parents.append(parent)
+        depths.append(depths[parent] + 1)
+        scores.append(score)
+        if j + 1 < k:
+            push(r, j + 1, parent)
+        if row_next[j] >= 0:
+            push(row_next[j], 0, node)
+
+    return DraftTree(
+        tokens=torch.tensor(tokens, dtype=torch.int64),
+        parents=torch.tensor(parents, dtype=torch.int64),
+        depths=torch.tensor(depths, dtype=torch.int64),
+        scores=torch.tensor(scores, dtype=torch.float32),
+    )
+
+
+def marginal_tree(root: int, row_tokens: Tensor, row_logprobs: Tensor, budget: int) -> DraftTree:
+    """DDTree: the `budget` most probable prefixes under Q(y_1..y_D) = prod_d q_d(y_d).
+
+    row_tokens:   [D, K] int64, CPU. Row d-1 is the top-K of the marginal at depth d, best first.
+    row_logprobs: [D, K] float, CPU. Their marginal log-probs.
+    Every node at depth d draws its children from row d; depth-D nodes are leaves. K = min(budget, V) loses
+    nothing, since a tree of B nodes never uses more than B entries of one row.
+    """
+    depth = row_tokens.shape[0]
+    next_row = torch.arange(1, depth + 1, dtype=torch.int64)
+    next_row[-1:] = -1  # no-op when depth == 0
+    next_row = next_row[:, None].expand_as(row_tokens)
+    return best_first_tree(root, row_tokens, row_logprobs, next_row, budget)
+
+
+def chain_tree(root: int, marginal_tokens: Tensor, marginal_logprobs: Tensor, budget: int | None = None) -> DraftTree:
+    """DFlash: a chain of the argmax of each marginal, min(D, budget) nodes long.
+
+    marginal_tokens:   [D] int64, CPU. The argmax of the marginal at each depth 1..D.
+    marginal_logprobs: [D] float, CPU. Their log-probs (only fill in `scores`; a chain is never reordered).
+    """
+    if budget is not None:
+        check_budget(budget)
+    n = marginal_tokens.shape[0] if budget is None else min(marginal_tokens.shape[0], budget)
+    # Cutting the table to n rows makes the node at depth n a leaf; max(n, 1) only satisfies check_budget when
+    # the drafter gave no depths at all (then the tree is the root alone).
+    return marginal_tree(root, marginal_tokens[:n, None], marginal_logprobs[:n, None], max(n, 1))
+
+
+def conditional_tree(
+    root: int, parent_tokens: Tensor, row_tokens: Tensor, row_logprobs: Tensor, budget: int
+) -> DraftTree:
+    """TreeFlash: the `budget` best paths when each node's children come from its own token's conditional.
+
+    D is the deepest depth and m the number of candidate parents per depth.
+    parent_tokens: [D-1, m] int64, CPU. parent_tokens[d-1] are the candidate parents at depth d (d = 1..D-1):
+                   the top-m tokens of the depth-d marginal, so no token repeats within a row.
+    row_tokens:    [R, k] int64, CPU, R = 1 + (D-1)*m. Row 0: the root's children (depth 1). Row
+                   1 + (d-1)*m + j: the top-k children at depth d+1 of a depth-d node whose token is
+                   parent_tokens[d-1, j], best first.
+    row_logprobs:  [R, k] float, CPU. Their conditional log-probs.
+    A depth-d node whose token is not a candidate parent at depth d (and every depth-D node) is a leaf: the
+    head was never evaluated for it, so it has no children to offer.
+    """
+    num_rows, k = row_tokens.shape
+    m = parent_tokens.shape[1] if parent_tokens.dim() == 2 and parent_tokens.shape[0] > 0 else 0
+    depth = parent_tokens.shape[0] + 1
+    assert num_rows == 1 + (depth - 1) * m, "conditional rows must be 1 + (D-1)*m"
+    # Depth of the children listed in each row: 1 for row 0, d+1 for the rows of depth-d parents.
+    row_depth = torch.ones(num_rows, dtype=torch.int64)
+    row_depth[1:] = torch.arange(num_rows - 1) // max(m, 1) + 2
+    next_row = torch.full((num_rows, k), -1, dtype=torch.int64)
+    # Rows are ordered by depth, so the rows whose entries may have children (depth < D) are a prefix.
+    inner = 1 + (depth - 2) * m if depth >= 2 else 0
+    if inner:
+        child_depth = row_depth[:inner]  # [R'] the depth of the entries of these rows
+        candidates = parent_tokens[child_depth - 1]  # [R', m]
+        match = row_tokens[:inner, :, None] == candidates[:, None, :]  # [R', k, m]
+        # One reduction gives both answers; candidates are distinct, so a found token has exactly one rank.
+        found, rank = match.max(dim=-1)  # [R', k] each
+        first_row = 1 + (child_depth - 1) * m  # [R'] row of the first candidate parent at that depth
+        next_row[:inner] = torch.where(found, first_row[:, None] + rank, -1)
+    return best_first_tree(root, row_tokens, row_logprobs, next_row, budget)
+
+
+def tree_attention_mask(tree: DraftTree) -> Tensor:
+    """Ancestor-only attention among the tree's entries.
+
+    Returns [n, n] bool, CPU: mask[i, j] is True iff j is i or an ancestor of i. Each node's row is its
+    parent's row plus itself; since a parent is one level shallower, rows are filled one depth level at a time
+    (a handful of tensor ops, not one per node).
+    """
+    n = tree.tokens.shape[0]
+    mask = torch.eye(n, dtype=torch.bool)
+    for d in range(1, int(tree.depths.max()) + 1):
+        level = (tree.depths == d).nonzero().flatten()
+        mask[level] |= mask[tree.parents[level]]
+    return mask
+
+
+def tree_positions(tree: DraftTree, root_position: int) -> Tensor:
+    """Absolute position of every entry: [n] int64, root_position + depth."""
+    return tree.depths + root_position
