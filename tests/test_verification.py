@@ -193,3 +193,27 @@ def test_sampling_config_rejects(kwargs, field):
 def test_sampling_config_greedy():
     assert SamplingConfig().greedy and SamplingConfig(temperature=0).greedy
     assert not SamplingConfig(temperature=0.5, seed=1).greedy
+
+
+def reference_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Kept tokens [n, V] bool by a plain full sort: keep while the mass before a token is below top_p."""
+    values, order = logits.sort(dim=-1, descending=True)
+    probs = values.softmax(dim=-1)
+    keep_sorted = probs.cumsum(dim=-1) - probs < top_p
+    keep_sorted[:, 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def test_top_p_on_a_large_vocabulary_matches_a_full_sort():
+    """Peaked rows take the probe path (nucleus among the first tokens), flat rows the full-sort fallback."""
+    from treeflash.verification import _filter
+
+    generator = torch.Generator().manual_seed(4)
+    peaked = torch.randn(3, 5000, generator=generator, dtype=torch.float64).float() * 4
+    flat = torch.randn(2, 5000, generator=generator, dtype=torch.float64).float() * 0.1
+    for logits in (peaked, flat, torch.cat((peaked, flat))):
+        for top_p in (0.3, 0.9):
+            kept = _filter(logits, 0, top_p) > -math.inf
+            assert torch.equal(kept, reference_nucleus(logits, top_p))
+    assert reference_nucleus(flat, 0.9).sum(dim=-1).min() > 1024, "the flat rows must need the fallback"
+    assert reference_nucleus(peaked, 0.9).sum(dim=-1).max() < 1024, "the peaked rows must fit the probe"

@@ -14,6 +14,8 @@ Under greedy decoding the choice is the argmax. Under sampling the choice is "co
 that depends only on (seed, absolute position), so the token at each position is a deterministic function
 of the seed and the target's distribution there. Every method, speculative or not, therefore produces the
 same text for the same seed, and each token is an exact sample from the (filtered) target distribution.
+(The target's logits for a tree entry match step-by-step decoding up to float rounding of tree attention;
+a genuine near-tie can still flip a token, as under greedy decoding.)
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy (argmax); > 0 divides the logits before sampling
     top_p: float = 1.0  # nucleus filtering, applied after temperature and top-k; 1 = off
     top_k: int = 0  # keep only the k most likely tokens at temperature > 0; 0 = off
-    seed: int | None = None  # seeds the per-position noise at temperature > 0; None -> chosen at random and recorded by the caller
+    # Seeds the per-position noise at temperature > 0; None -> the caller picks one at random and records it.
+    seed: int | None = None
 
     def __post_init__(self):
         t = self.temperature
@@ -60,6 +63,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
+        """True when the target takes its argmax (temperature 0); top-k and top-p then change nothing."""
         return self.temperature == 0
 
 
@@ -127,9 +131,12 @@ def choose_tokens(logits: Tensor, positions: Tensor, sampling: SamplingConfig) -
     if sampling.greedy:
         return logits.argmax(dim=-1)
     if sampling.seed is None:
-        raise TreeFlashError("sampling at temperature > 0 needs a seed; pick one (e.g. secrets.randbits(63)) and record it")
+        raise TreeFlashError(
+            "sampling at temperature > 0 needs a seed; pick one (e.g. secrets.randbits(63)) and record it"
+        )
     scaled = _filter(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)  # [n, V]
     where = positions.tolist()
+    assert len(where) == logits.shape[0], "one position per row of logits"
     distinct = list(dict.fromkeys(where))
     noise = _gumbel(sampling.seed, distinct, logits.shape[-1], logits.device)  # [P, V]
     if len(distinct) < len(where):

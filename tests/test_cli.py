@@ -1,0 +1,109 @@
+"""The `treeflash` command line on a tiny model saved to disk with a word-level tokenizer (hermetic)."""
+
+import json
+
+import pytest
+import torch
+
+from treeflash.cli import main
+
+from helpers import tiny_target
+
+WORDS = ["<unk>", "<eos>", "<user>", "<assistant>", "<mask>"] + [f"w{i}" for i in range(92)]
+TEMPLATE = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    target = tiny_target("llama", dtype=torch.float32)
+    target.model.config.eos_token_id = 1
+    target.model.generation_config.eos_token_id = 1
+    target.model.save_pretrained(path)
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>",
+                                        additional_special_tokens=["<user>", "<assistant>", "<mask>"])
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _run_json(capsys, *argv):
+    assert main(["generate", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_json_fields_and_methods_agree(model_dir, capsys):
+    results = {}
+    for method in ("ar", "dflash", "ddtree", "treeflash"):
+        out = _run_json(capsys, "w3 w9 w27", "--target", str(model_dir), "--drafter", "untrained",
+                        "--method", method, "--max-new-tokens", "20", "--ignore-eos")
+        assert {"method", "text", "token_ids", "new_tokens", "rounds", "tau", "seconds", "tokens_per_second"} <= set(out)
+        assert out["method"] == method and out["new_tokens"] == len(out["token_ids"]) == 20
+        results[method] = out["token_ids"]
+    assert len({tuple(v) for v in results.values()}) == 1
+
+
+def test_chat_template_is_applied_unless_no_chat(model_dir, capsys):
+    chat = _run_json(capsys, "w3 w9", "--target", str(model_dir), "--method", "ar", "--max-new-tokens", "3")
+    raw = _run_json(capsys, "w3 w9", "--target", str(model_dir), "--method", "ar", "--max-new-tokens", "3", "--no-chat")
+    assert chat["prompt_tokens"] == 4 and raw["prompt_tokens"] == 2  # <user> w3 w9 <assistant>
+
+
+def test_streams_text_and_prints_stats(model_dir, capsys):
+    assert main(["generate", "w5 w6", "--target", str(model_dir), "--drafter", "untrained", "--method", "ddtree",
+                 "--max-new-tokens", "12", "--budget", "8", "--ignore-eos"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().startswith("w")
+    assert "[ddtree] 12 tokens" in captured.err and "tau" in captured.err and "verify" in captured.err
+
+
+def test_tree_size_is_the_budget_plus_the_root(model_dir, capsys):
+    out = _run_json(capsys, "w5", "--target", str(model_dir), "--drafter", "untrained", "--method", "ddtree",
+                    "--tree-size", "10", "--max-new-tokens", "5")
+    assert out["budget"] == 9
+
+
+def test_seeded_sampling_is_reproducible(model_dir, capsys):
+    args = ["w5 w7", "--target", str(model_dir), "--drafter", "untrained", "--max-new-tokens", "15",
+            "--temperature", "1.0", "--seed", "3", "--ignore-eos"]
+    a = _run_json(capsys, *args, "--method", "treeflash")
+    b = _run_json(capsys, *args, "--method", "ar")
+    assert a["token_ids"] == b["token_ids"] and a["seed"] == 3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budget", "0"], "budget must be"),
+        (["--temperature", "-1"], "temperature"),
+        (["--tree-size", "1"], "tree_size"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+    ],
+)
+def test_bad_flags_are_one_sentence_errors(model_dir, capsys, argv, message):
+    assert main(["generate", "w1", "--target", str(model_dir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("treeflash: error:") and message in err and "Traceback" not in err
+
+
+def test_empty_prompt_and_missing_paths_are_errors(model_dir, tmp_path, capsys):
+    assert main(["generate", "   ", "--target", str(model_dir), "--method", "ar"]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert main(["generate", "w1", "--target", str(model_dir), "--drafter", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_new_drafter_writes_a_loadable_checkpoint(model_dir, tmp_path, capsys):
+    out = tmp_path / "drafter"
+    assert main(["new-drafter", str(out), "--target", str(model_dir), "--layers", "2", "--block-size", "6"]) == 0
+    assert "untrained 2-layer drafter" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["block_size"] == 6 and config["dflash_config"]["mask_token_id"] == 4  # <mask>, unused by the template
+    result = _run_json(capsys, "w5", "--target", str(model_dir), "--drafter", str(out), "--method", "treeflash",
+                       "--max-new-tokens", "6")
+    assert result["method"] == "treeflash"

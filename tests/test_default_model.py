@@ -1,0 +1,54 @@
+"""Integration tests on the real default target, SmolLM2-135M-Instruct (converted from the bundled GGUF on
+first use, then loaded from the cache)."""
+
+import pytest
+import torch
+
+from treeflash.decoding import METHODS, DecodeConfig, Decoder
+from treeflash.drafters import new_drafter
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Write a haiku about the sea.", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\""]
+
+
+@pytest.fixture(scope="module")
+def target():
+    from treeflash.targets import load_target
+
+    return load_target()
+
+
+def test_default_target_shape(target):
+    assert (target.num_layers, target.hidden_size, target.num_heads, target.num_kv_heads) == (30, 576, 9, 3)
+    assert target.vocab_size == 49152 and target.eos_token_ids[0] == 2
+    assert new_drafter(target).config.mask_token_id == 16  # <empty_output>
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_ar_equals_transformers_generate(target, prompt):
+    ids = target.encode_prompt(prompt)
+    ours = Decoder(target).generate(ids, DecodeConfig(method="ar", max_new_tokens=64))
+    with torch.no_grad():
+        ref = target.model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)
+    assert ours.token_ids == ref[0, len(ids):].tolist()
+    assert len(ours.token_ids) > 20
+
+
+def test_every_method_with_an_untrained_drafter_equals_ar(target):
+    drafter = new_drafter(target)
+    decoder = Decoder(target, drafter)
+    ids = target.encode_prompt(PROMPTS[0])
+    reference = decoder.generate(ids, DecodeConfig(method="ar", max_new_tokens=40, stop_at_eos=False)).token_ids
+    for method in METHODS[1:]:
+        result = decoder.generate(ids, DecodeConfig(method=method, budget=32, max_new_tokens=40, stop_at_eos=False))
+        assert result.token_ids == reference, method
+
+
+def test_sampling_with_the_real_model_matches_ar_for_a_seed(target):
+    drafter = new_drafter(target, seed=5)
+    decoder = Decoder(target, drafter)
+    ids = target.encode_prompt(PROMPTS[1], chat=False)
+    config = dict(max_new_tokens=32, temperature=0.7, top_k=50, seed=11, stop_at_eos=False)
+    reference = decoder.generate(ids, DecodeConfig(method="ar", **config)).token_ids
+    assert decoder.generate(ids, DecodeConfig(method="treeflash", **config)).token_ids == reference
