@@ -115,6 +115,10 @@ def test_drafter_for_another_target_is_rejected(tmp_path):
         load_drafter(tmp_path / "d", tiny_target("qwen3", vocab=50))
     with pytest.raises(TreeFlashError, match="layers"):
         load_drafter(tmp_path / "d", tiny_target("qwen3", layers=4))
+    wider = tiny_target("qwen3")
+    wider.hidden_size = 48  # as if the target were wider; the check reads this attribute
+    with pytest.raises(TreeFlashError, match="hidden size 32"):
+        load_drafter(tmp_path / "d", wider)
 
 
 def test_new_drafter_validates_and_is_reproducible():
