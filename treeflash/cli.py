@@ -107,6 +107,30 @@ def cmd_new_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_data(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .data import exclude_eval_prompts, load_prompts, regenerate
+    from .targets import load_target
+
+    if args.prompts in ("mtbench", "humaneval", "sharegpt-heldout"):
+        raise TreeFlashError(f"{args.prompts} is an evaluation set; train on sharegpt or your own JSONL prompts")
+    prompts = load_prompts(args.prompts, limit=args.limit, skip=args.skip)
+    kept, dropped = exclude_eval_prompts(prompts)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "excluded.json").write_text(json.dumps([p.id for p in dropped], indent=1) + "\n")
+    print(f"{len(prompts)} prompts from {args.prompts}; {len(dropped)} dropped for overlapping MT-Bench or "
+          f"HumanEval; regenerating {len(kept)} responses with the target", file=sys.stderr)
+    target = load_target(args.target)
+    counts = regenerate(target.model, target.tokenizer, kept, out, max_new_tokens=args.max_new_tokens,
+                        max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
+                        temperature=args.temperature, seed=args.seed)
+    print(json.dumps(counts))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treeflash", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     n.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: float32)")
     n.set_defaults(func=cmd_new_drafter)
+
+    train = sub.add_parser("train", help="make training data, train drafters and TreeFlash heads")
+    steps = train.add_subparsers(dest="step", required=True)
+    d = steps.add_parser("data", help="regenerate responses to prompts with the target (resumable)")
+    d.add_argument("--out", required=True, help="output directory of JSONL shards")
+    d.add_argument("--prompts", default="sharegpt",
+                   help="sharegpt (its training split) or a JSONL file of prompts (default: sharegpt)")
+    d.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
+    d.add_argument("--skip", type=int, default=0, help="skip this many prompts first")
+    d.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
+    d.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (default: 256)")
+    d.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts (default: 512)")
+    d.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default: 16)")
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = the target's greedy responses (default)")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    d.set_defaults(func=cmd_train_data)
     return parser
 
 
