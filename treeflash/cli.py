@@ -123,12 +123,108 @@ def cmd_train_data(args: argparse.Namespace) -> int:
     (out / "excluded.json").write_text(json.dumps([p.id for p in dropped], indent=1) + "\n")
     print(f"{len(prompts)} prompts from {args.prompts}; {len(dropped)} dropped for overlapping MT-Bench or "
           f"HumanEval; regenerating {len(kept)} responses with the target", file=sys.stderr)
-    target = load_target(args.target)
+    from .api import parse_dtype
+
+    target = load_target(args.target, dtype=parse_dtype(args.dtype))
     counts = regenerate(target.model, target.tokenizer, kept, out, max_new_tokens=args.max_new_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
                         temperature=args.temperature, seed=args.seed)
     print(json.dumps(counts))
     return 0
+
+
+def _train_config_from_args(args: argparse.Namespace, stage: str):
+    from .training import TrainConfig
+
+    return TrainConfig(
+        stage=stage, epochs=args.epochs, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, batch_size=args.batch_size, anchors=args.anchors, max_length=args.max_length,
+        gamma=args.gamma, loss=args.loss, finetune_backbone=getattr(args, "finetune_backbone", False),
+        val_sequences=args.val_sequences, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .api import parse_dtype
+    from .data import load_sequences
+    from .drafters import load_drafter, new_drafter, save_drafter
+    from .targets import load_target
+    from .training import train
+
+    stage = args.step
+    config = _train_config_from_args(args, stage)
+    target = load_target(args.target)
+    if args.init:
+        drafter = load_drafter(args.init, target, dtype=torch.float32)
+        if stage == "head" and drafter.ar_approximation is None:
+            drafter = _with_head(drafter, target)
+    elif stage == "head":
+        raise TreeFlashError("training a head starts from a trained drafter; pass --init PATH")
+    else:
+        drafter = new_drafter(target, num_hidden_layers=args.layers, block_size=args.block_size, seed=args.seed)
+    sequences = load_sequences(args.data, max_length=config.max_length)
+    print(f"{len(sequences)} sequences from {args.data}; training the {stage} into {args.out}", file=sys.stderr)
+    metrics = train(drafter, target, sequences, config, args.out, max_steps=args.max_steps,
+                    log=lambda m: print(m, file=sys.stderr))
+    if args.export and metrics["step"] >= metrics["total_steps"]:
+        save_drafter(drafter, args.export, dtype=parse_dtype(args.export_dtype),
+                     extra={"training": {"command": " ".join(sys.argv), "metrics": metrics}})
+        print(f"exported the trained drafter to {args.export}", file=sys.stderr)
+    print(json.dumps(metrics))
+    return 0
+
+
+def _with_head(drafter, target):
+    """A copy of a head-less drafter with a fresh (zero) TreeFlash head."""
+    import dataclasses
+
+    from .drafters import Drafter
+
+    config = dataclasses.replace(drafter.config, ar_head=True)
+    fresh = Drafter(config).to(device=target.device, dtype=next(drafter.parameters()).dtype)
+    missing = fresh.load_state_dict(drafter.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("ar_approximation.") for k in missing)
+    return fresh
+
+
+def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
+    from .training import TrainConfig
+
+    d = TrainConfig(stage=stage)
+    lr = 6e-4 if stage == "drafter" else 1e-4
+    p.add_argument("--data", required=True, help="regenerated data (the --out of `treeflash train data`)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl; resumes if it holds one")
+    p.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--init", default=None, help="start from this drafter checkpoint" +
+                   (" (required: a trained drafter)" if stage == "head" else " (default: a new one)"))
+    if stage == "drafter":
+        p.add_argument("--layers", type=int, default=5, help="layers of a new drafter (default: 5)")
+        p.add_argument("--block-size", type=int, default=16, help="block size of a new drafter (default: 16)")
+    else:
+        p.add_argument("--finetune-backbone", action="store_true", help="also train the drafter's backbone")
+    p.add_argument("--epochs", type=float, default=d.epochs, help=f"(default: {d.epochs})")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
+    p.add_argument("--warmup", type=float, default=d.warmup, help=f"share of warm-up steps (default: {d.warmup})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default: {d.weight_decay})")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"(default: {d.grad_clip})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default: {d.batch_size})")
+    p.add_argument("--anchors", type=int, default=d.anchors, help=f"blocks per sequence (default: {d.anchors})")
+    p.add_argument("--max-length", type=int, default=d.max_length, help=f"(default: {d.max_length})")
+    p.add_argument("--gamma", type=float, default=None, help="position-weight decay (default: 7 for block 16)")
+    p.add_argument("--loss", choices=("ce", "kl"), default=None,
+                   help="ce (true tokens) or kl (to the target's distribution) (default: ce for drafters, kl for heads)")
+    p.add_argument("--val-sequences", type=int, default=d.val_sequences, help=f"(default: {d.val_sequences})")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"(default: {d.eval_every})")
+    p.add_argument("--save-every", type=int, default=d.save_every, help=f"(default: {d.save_every})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this sitting")
+    p.add_argument("--export", default=None, help="when the run is complete, also save the drafter here")
+    p.add_argument("--export-dtype", default="bfloat16", help="dtype of the exported weights (default: bfloat16)")
+    p.set_defaults(func=cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: float32)")
     n.set_defaults(func=cmd_new_drafter)
 
+    from .serving import add_serve_flags
+
+    s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs the `serve` extra)")
+    _add_model_flags(s)
+    add_serve_flags(s)
+
     train = sub.add_parser("train", help="make training data, train drafters and TreeFlash heads")
     steps = train.add_subparsers(dest="step", required=True)
     d = steps.add_parser("data", help="regenerate responses to prompts with the target (resumable)")
@@ -167,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default: 16)")
     d.add_argument("--temperature", type=float, default=0.0, help="0 = the target's greedy responses (default)")
     d.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    d.add_argument("--dtype", default="float32",
+                   help="target dtype for generation; bfloat16 is ~3x faster on CPUs with AMX (default: float32)")
     d.set_defaults(func=cmd_train_data)
+    _add_train_flags(steps.add_parser("drafter", help="train a DFlash drafter (resumable)"), "drafter")
+    _add_train_flags(steps.add_parser("head", help="train a TreeFlash head on a trained drafter (resumable)"), "head")
     return parser
 
 

@@ -215,8 +215,9 @@ def regenerate(
 ) -> dict:
     """Write the target's responses to `prompts` as JSONL shards of `batch_size` records in `out`.
 
-    Resumable: shards already written are skipped (each is written to a temporary file and renamed), and
-    the work is deterministic for a seed, so an interrupted run continues where it stopped. Prompts are
+    Resumable: shards already written for the same batch are skipped (each is written to a temporary file
+    and renamed), and the work is deterministic for a seed, so an interrupted run continues where it stopped
+    and a run can be extended with more prompts. Prompts are
     templated as one user turn; prompts longer than `max_prompt_tokens` are skipped rather than cut, since a
     cut prompt is not what a user would send. Returns counts.
     """
@@ -226,11 +227,11 @@ def regenerate(
     out.mkdir(parents=True, exist_ok=True)
     meta = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
             "temperature": temperature, "seed": seed, "prompts": len(prompts),
-            "target": getattr(model.config, "_name_or_path", None)}
+            "target": getattr(model.config, "_name_or_path", None), "dtype": str(model.dtype)}
     meta_file = out / "regenerate.json"
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
-        if {k: old.get(k) for k in meta} != meta:
+        if {k: old.get(k) for k in meta if k != "prompts"} != {k: v for k, v in meta.items() if k != "prompts"}:
             raise TreeFlashError(f"{out} holds data made with other settings ({old}); use a new output directory")
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -248,7 +249,8 @@ def regenerate(
     bar = tqdm(total=len(batches), desc="regenerating", unit="batch", disable=not progress)
     for index, batch in enumerate(batches):
         path = _shard_path(out, index)
-        if path.exists():
+        # A shard counts as done only if it holds exactly this batch (a run may be extended with more prompts).
+        if path.exists() and [json.loads(line)["id"] for line in path.read_text().splitlines()] == [i for i, _ in batch]:
             bar.update(1)
             continue
         width = max(len(ids) for _, ids in batch)

@@ -1,0 +1,180 @@
+import json
+
+import pytest
+import torch
+
+from treeflash.data import Sequence, load_sequences
+from treeflash.errors import TreeFlashError
+from treeflash.training import (
+    TrainConfig,
+    block_attention_mask,
+    drafter_hidden,
+    make_blocks,
+    position_weights,
+    sample_anchors,
+    target_pass,
+    train,
+)
+
+from helpers import tiny_drafter, tiny_target
+
+
+def test_anchors_come_from_response_positions():
+    g = torch.Generator().manual_seed(0)
+    # prompt of 5 tokens, 10 in all: anchors p with p + 1 in the response (p >= 4) and p + 1 < 10.
+    assert sample_anchors(5, 10, 100, g).tolist() == [4, 5, 6, 7, 8]
+    few = sample_anchors(5, 10, 3, g)
+    assert few.numel() == 3 and set(few.tolist()) <= {4, 5, 6, 7, 8} and few.tolist() == sorted(few.tolist())
+    assert sample_anchors(1, 4, 10, g).tolist() == [1, 2]  # p >= 1: the drafter needs some context
+    assert sample_anchors(9, 10, 10, g).tolist() == [8]  # one response token: one anchor before it
+    assert sample_anchors(10, 10, 10, g).numel() == 0  # no response at all
+
+
+def test_blocks_by_hand():
+    tokens = torch.arange(10, 20)  # positions 0..9 hold 10..19
+    b = make_blocks(tokens, torch.tensor([4, 7]), block_size=4, mask_token_id=99)
+    assert b.tokens.tolist() == [14, 99, 99, 99, 17, 99, 99, 99]
+    assert b.positions.tolist() == [4, 5, 6, 7, 7, 8, 9, 10]
+    assert b.labels.tolist() == [-100, 15, 16, 17, -100, 18, 19, -100]  # position 10 is past the end
+    assert b.parents.tolist()[:7] == [13, 14, 15, 16, 16, 17, 18]
+    assert b.offsets.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+def test_block_mask_by_hand():
+    mask = block_attention_mask(torch.tensor([2, 4]), block_size=2, context_length=5).int()
+    assert mask.tolist() == [
+        # context 0..4  | block 0 | block 1
+        [1, 1, 0, 0, 0, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 1, 1],
+        [1, 1, 1, 1, 0, 0, 0, 1, 1],
+    ]
+
+
+def test_position_weights():
+    w = position_weights(16, 7.0)
+    assert w[0] == 0 and w[1] == 1 and torch.isclose(w[8], torch.exp(torch.tensor(-1.0)))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_block_sparse_pass_equals_each_block_alone(family):
+    """All blocks of a sequence in one masked pass give what each block gives when drafted on its own
+    at inference, with exactly the context strictly before its anchor."""
+    target = tiny_target(family)
+    drafter = tiny_drafter(target, block_size=5)
+    tokens = torch.randint(0, target.vocab_size, (30,), generator=torch.Generator().manual_seed(2))
+    anchors = torch.tensor([3, 9, 10, 27])
+    blocks = make_blocks(tokens, anchors, 5, drafter.config.mask_token_id)
+    features, _ = target_pass(target, drafter, tokens, logits=False)
+    with torch.no_grad():
+        together = drafter_hidden(drafter, target, tokens, blocks, anchors, features).view(4, 5, -1)
+    for j, p in enumerate(anchors.tolist()):
+        alone = drafter.draft(target, int(tokens[p]), features[:p], drafter.new_cache(64))
+        torch.testing.assert_close(together[j, 1:], alone.hidden, atol=1e-9, rtol=1e-9)
+
+
+def _sequences(target, count=6, length=24, seed=0):
+    """Like `treeflash train data`: random 4-token prompts and the target's own greedy responses."""
+    from helpers import greedy_reference
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        prompt = torch.randint(0, target.vocab_size - 1, (4,), generator=g).tolist()
+        out.append(Sequence(f"s{i}", prompt + greedy_reference(target, prompt, length - 4), prompt_length=4))
+    return out
+
+
+def _fresh(target, block_size=4):
+    """A drafter as `treeflash train drafter` starts one: standard small init, zero head."""
+    from treeflash.drafters import new_drafter
+
+    return new_drafter(target, num_hidden_layers=2, block_size=block_size, target_layer_ids=(1, 2, 4),
+                       mask_token_id=target.vocab_size - 1, ar_intermediate_size=48).float()
+
+
+def _config(**kw):
+    base = dict(epochs=8, lr=3e-3, anchors=6, val_sequences=2, eval_every=1000, save_every=1000, warmup=0.1)
+    return TrainConfig(**(base | kw))
+
+
+def test_drafter_loss_decreases_and_validation_improves(tmp_path):
+    from treeflash.training import evaluate
+
+    target = tiny_target("llama", dtype=torch.float32)
+    drafter = _fresh(target)
+    data, config = _sequences(target), _config()
+    before = evaluate(drafter, target, data, config)
+    metrics = train(drafter, target, data, config, tmp_path / "run", progress=False, log=lambda m: None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    first = sum(r["loss"] for r in log[:4]) / 4
+    last = sum(r["loss"] for r in log[-4:]) / 4
+    assert last < 0.5 * first
+    assert "marginal_chain_tau" in metrics and len(metrics["marginal_top1"]) == 3
+    # The sequences it trained on (memorised): far more of each block agrees with the target than before.
+    after = evaluate(drafter, target, data, config)
+    assert before["marginal_chain_tau"] < 1.3 and after["marginal_chain_tau"] > 2.0
+    # The head stayed zero: the drafter stage trains the backbone only.
+    assert torch.count_nonzero(drafter.ar_approximation.d.weight) == 0
+
+
+def test_head_training_moves_only_the_head(tmp_path):
+    target = tiny_target("llama", dtype=torch.float32)
+    drafter = _fresh(target)
+    backbone = {k: v.clone() for k, v in drafter.state_dict().items() if not k.startswith("ar_")}
+    train(drafter, target, _sequences(target), _config(stage="head", epochs=3), tmp_path / "run", progress=False,
+          log=lambda m: None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert torch.count_nonzero(drafter.ar_approximation.d.weight) > 0
+    assert all(torch.equal(v, drafter.state_dict()[k]) for k, v in backbone.items())
+
+
+def test_resume_reproduces_the_same_state(tmp_path):
+    target = tiny_target("qwen3", dtype=torch.float32)
+    data = _sequences(target, count=5)
+    config = _config(epochs=2, save_every=1)
+    straight = _fresh(target)
+    train(straight, target, data, config, tmp_path / "a", progress=False, log=lambda m: None)
+    resumed = _fresh(target)
+    train(resumed, target, data, config, tmp_path / "b", max_steps=3, progress=False, log=lambda m: None)
+    again = _fresh(target)  # a fresh process would start here
+    train(again, target, data, config, tmp_path / "b", progress=False, log=lambda m: None)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    target = tiny_target("llama", dtype=torch.float32)
+    drafter = tiny_drafter(target, block_size=4).float()
+    train(drafter, target, _sequences(target), _config(epochs=1), tmp_path / "r", progress=False, log=lambda m: None)
+    with pytest.raises(TreeFlashError, match="other settings"):
+        train(drafter, target, _sequences(target), _config(epochs=1, lr=1e-3), tmp_path / "r", progress=False,
+              log=lambda m: None)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(TreeFlashError, match="no training data"):
+        load_sequences(tmp_path / "nothing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "shard-00000.jsonl").write_text('{"prompt": "hello"}\n')
+    with pytest.raises(TreeFlashError, match="not a training record"):
+        load_sequences(bad)
+    with pytest.raises(TreeFlashError, match="unknown training stage"):
+        TrainConfig(stage="everything")
+
+    target = tiny_target("llama", dtype=torch.float32)
+    other = tiny_target("llama", dtype=torch.float32, vocab=50)
+    with pytest.raises(TreeFlashError, match="vocabulary"):
+        train(tiny_drafter(other, block_size=4).float(), target, _sequences(target), _config(), tmp_path / "x",
+              progress=False, log=lambda m: None)
+
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 1024))
+    with pytest.raises(TreeFlashError, match="not enough disk space"):
+        train(tiny_drafter(target, block_size=4).float(), target, _sequences(target), _config(epochs=1),
+              tmp_path / "y", progress=False, log=lambda m: None)
