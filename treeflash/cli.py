@@ -128,7 +128,7 @@ def cmd_train_data(args: argparse.Namespace) -> int:
     target = load_target(args.target, dtype=parse_dtype(args.dtype))
     counts = regenerate(target.model, target.tokenizer, kept, out, max_new_tokens=args.max_new_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
-                        temperature=args.temperature, seed=args.seed)
+                        temperature=args.temperature, seed=args.seed, target_name=target.name)
     print(json.dumps(counts))
     return 0
 
@@ -141,6 +141,7 @@ def _train_config_from_args(args: argparse.Namespace, stage: str):
         grad_clip=args.grad_clip, batch_size=args.batch_size, anchors=args.anchors, max_length=args.max_length,
         gamma=args.gamma, loss=args.loss, finetune_backbone=getattr(args, "finetune_backbone", False),
         val_sequences=args.val_sequences, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+        precision=args.precision,
     )
 
 
@@ -157,7 +158,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     stage = args.step
     config = _train_config_from_args(args, stage)
-    target = load_target(args.target)
+    # In bfloat16 the frozen target runs in bf16 too: features and the LM head at AMX speed.
+    target = load_target(args.target, dtype=torch.bfloat16 if config.precision == "bfloat16" else torch.float32)
     if args.init:
         drafter = load_drafter(args.init, target, dtype=torch.float32)
         if stage == "head" and drafter.ar_approximation is None:
@@ -166,6 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise TreeFlashError("training a head starts from a trained drafter; pass --init PATH")
     else:
         drafter = new_drafter(target, num_hidden_layers=args.layers, block_size=args.block_size, seed=args.seed)
+        drafter.float()  # master weights
     sequences = load_sequences(args.data, max_length=config.max_length)
     print(f"{len(sequences)} sequences from {args.data}; training the {stage} into {args.out}", file=sys.stderr)
     metrics = train(drafter, target, sequences, config, args.out, max_steps=args.max_steps,
@@ -221,6 +224,8 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"(default: {d.eval_every})")
     p.add_argument("--save-every", type=int, default=d.save_every, help=f"(default: {d.save_every})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default=d.precision,
+                   help="bfloat16: bf16 target and autocast drafter, ~3x faster on CPUs with AMX (default: float32)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this sitting")
     p.add_argument("--export", default=None, help="when the run is complete, also save the drafter here")
     p.add_argument("--export-dtype", default="bfloat16", help="dtype of the exported weights (default: bfloat16)")

@@ -212,6 +212,7 @@ def regenerate(
     temperature: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    target_name: str | None = None,
 ) -> dict:
     """Write the target's responses to `prompts` as JSONL shards of `batch_size` records in `out`.
 
@@ -227,7 +228,7 @@ def regenerate(
     out.mkdir(parents=True, exist_ok=True)
     meta = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
             "temperature": temperature, "seed": seed, "prompts": len(prompts),
-            "target": getattr(model.config, "_name_or_path", None), "dtype": str(model.dtype)}
+            "target": target_name or getattr(model.config, "_name_or_path", None), "dtype": str(model.dtype)}
     meta_file = out / "regenerate.json"
     if meta_file.exists():
         old = json.loads(meta_file.read_text())

@@ -142,6 +142,7 @@ class TrainConfig:
     eval_every: int = 200  # steps between validations
     save_every: int = 200  # steps between checkpoints
     seed: int = 0  # data order, anchors, validation split
+    precision: str = "float32"  # or "bfloat16": autocast matmuls (fp32 master weights); ~3x faster on AMX CPUs
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -156,8 +157,14 @@ class TrainConfig:
         for name in ("batch_size", "anchors", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise TreeFlashError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.precision not in ("float32", "bfloat16"):
+            raise TreeFlashError(f"precision must be float32 or bfloat16; got {self.precision!r}")
         if not 0 <= self.warmup < 1:
             raise TreeFlashError(f"warmup is a share of the steps in [0, 1); got {self.warmup}")
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16")
 
 
 def learning_rate(step: int, total: int, config: TrainConfig) -> float:
@@ -189,6 +196,7 @@ def sequence_loss(drafter: Drafter, target: Target, seq: Sequence, config: Train
     blocks = make_blocks(tokens.cpu(), anchors, drafter.block_size, drafter.config.mask_token_id)
     need_target_logits = config.stage == "head" and config.loss == "kl"
     features, target_logits = target_pass(target, drafter, tokens, need_target_logits)
+    features = features.float()  # the drafter's master weights stay float32 (autocast lowers its matmuls)
     rows = (blocks.labels >= 0).nonzero().flatten()
     w = weights[blocks.offsets[rows]].to(device)
     if config.stage == "drafter":
@@ -329,7 +337,8 @@ def train(
         total_loss, used = 0.0, 0
         for i in range(config.batch_size):
             seq = train_set[int(epoch_order[(index + i) % len(train_set)])]
-            result = sequence_loss(drafter, target, seq, config, generator, weights)
+            with autocast(config, target.device):
+                result = sequence_loss(drafter, target, seq, config, generator, weights)
             if result is None:
                 continue
             loss, _ = result
@@ -345,7 +354,8 @@ def train(
         bar.set_postfix(loss=f"{record['loss']:.3f}")
         if step % config.eval_every == 0 or step == stop:
             drafter.eval()
-            metrics = evaluate(drafter, target, val, config)
+            with autocast(config, target.device):
+                metrics = evaluate(drafter, target, val, config)
             drafter.train()
             record.update(metrics)
             key = "conditional_chain_tau" if config.stage == "head" else "marginal_chain_tau"
