@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from treeflash.decoding import METHODS, DecodeConfig, Decoder
+from treeflash.drafters import new_drafter
 from treeflash.errors import TreeFlashError
 
 from helpers import OracleDrafter, greedy_reference, tiny_drafter, tiny_target
@@ -34,6 +35,20 @@ def test_greedy_speculative_equals_ar(pair, method, budget):
     assert result.token_ids == reference
     assert len(result.acceptance_lengths) == result.rounds
     assert all(0 <= a <= min(budget, drafter.block_size - 1) for a in result.acceptance_lengths)
+
+
+@pytest.mark.parametrize("method", METHODS[1:])
+def test_greedy_with_a_reduced_draft_vocabulary_equals_ar(method):
+    """Drafting from a subset of the vocabulary changes proposals only, never the output."""
+    target = tiny_target("qwen3")
+    reference = Decoder(target).generate(PROMPT, DecodeConfig(method="ar", max_new_tokens=40)).token_ids
+    vocab = torch.tensor(sorted(set(reference[::2])) + [1, 2, 3])  # some of the right tokens are missing
+    drafter = tiny_drafter(target)
+    small = new_drafter(target, num_hidden_layers=2, block_size=8, target_layer_ids=(1, 2, 4),
+                        mask_token_id=target.vocab_size - 1, ar_intermediate_size=48, draft_vocab=vocab)
+    small.load_state_dict(drafter.state_dict() | {"draft_vocab": small.draft_vocab})
+    result = Decoder(target, small).generate(PROMPT, DecodeConfig(method=method, budget=10, max_new_tokens=40))
+    assert result.token_ids == reference
 
 
 @pytest.mark.parametrize("method", METHODS[1:])

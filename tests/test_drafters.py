@@ -127,3 +127,28 @@ def test_new_drafter_validates_and_is_reproducible():
         new_drafter(target, block_size=1)
     a, b = new_drafter(target, seed=3), new_drafter(target, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_draft_vocabulary_logits_are_the_full_logits_of_those_tokens(tmp_path):
+    target = tiny_target("llama")
+    vocab = torch.tensor([3, 90, 7, 7, 15, 42])  # duplicates collapse, order does not matter
+    drafter = new_drafter(target, num_hidden_layers=1, block_size=5, target_layer_ids=(1, 2, 4),
+                          mask_token_id=96, draft_vocab=vocab)
+    full = new_drafter(target, num_hidden_layers=1, block_size=5, target_layer_ids=(1, 2, 4), mask_token_id=96)
+    full.load_state_dict({k: v for k, v in drafter.state_dict().items() if k != "draft_vocab"})
+    assert drafter.draft_vocab.tolist() == [3, 7, 15, 42, 90]
+    feats = _context_features(target)
+    small = drafter.draft(target, 3, feats, drafter.new_cache(64))
+    large = full.draft(target, 3, feats, full.new_cache(64))
+    torch.testing.assert_close(small.logits, large.logits[:, drafter.draft_vocab], atol=1e-12, rtol=1e-12)
+    assert drafter.token_ids(torch.tensor([0, 4])).tolist() == [3, 90]
+    assert drafter.draft_index(97)[[3, 90, 4]].tolist() == [0, 4, -1]
+
+    save_drafter(drafter, tmp_path / "d")
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["draft_vocab_size"] == 5
+    loaded = load_drafter(tmp_path / "d", target)
+    assert loaded.draft_vocab.tolist() == [3, 7, 15, 42, 90]
+    assert torch.equal(loaded.draft(target, 3, feats, loaded.new_cache(64)).logits, small.logits)
+
+    with pytest.raises(TreeFlashError, match="draft vocabulary"):
+        new_drafter(target, draft_vocab=torch.tensor([5, 500]))

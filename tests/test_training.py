@@ -118,6 +118,22 @@ def test_drafter_loss_decreases_and_validation_improves(tmp_path):
     assert torch.count_nonzero(drafter.ar_approximation.d.weight) == 0
 
 
+def test_training_with_a_draft_vocabulary(tmp_path):
+    from treeflash.drafters import new_drafter
+    from treeflash.training import draft_vocabulary, evaluate
+
+    target = tiny_target("llama", dtype=torch.float32)
+    data, config = _sequences(target), _config()
+    vocab, coverage = draft_vocabulary(data, 12, always=(0,))
+    assert vocab.numel() == 12 and 0 in vocab.tolist() and 0 < coverage <= 1
+    drafter = new_drafter(target, num_hidden_layers=2, block_size=4, target_layer_ids=(1, 2, 4),
+                          mask_token_id=target.vocab_size - 1, draft_vocab=vocab).float()
+    train(drafter, target, data, config, tmp_path / "run", progress=False, log=lambda m: None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert sum(r["loss"] for r in log[-4:]) < 0.5 * sum(r["loss"] for r in log[:4])
+    assert evaluate(drafter, target, data, config)["marginal_chain_tau"] > 1.5
+
+
 def test_head_training_moves_only_the_head(tmp_path):
     target = tiny_target("llama", dtype=torch.float32)
     drafter = _fresh(target)

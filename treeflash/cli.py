@@ -166,10 +166,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             drafter = _with_head(drafter, target)
     elif stage == "head":
         raise TreeFlashError("training a head starts from a trained drafter; pass --init PATH")
-    else:
-        drafter = new_drafter(target, num_hidden_layers=args.layers, block_size=args.block_size, seed=args.seed)
-        drafter.float()  # master weights
     sequences = load_sequences(args.data, max_length=config.max_length)
+    if not args.init:
+        vocab = None
+        if args.draft_vocab:
+            from .training import draft_vocabulary
+
+            vocab, coverage = draft_vocabulary(sequences, args.draft_vocab, always=target.eos_token_ids)
+            print(f"draft vocabulary: {vocab.numel()} tokens covering {100 * coverage:.1f}% of response tokens",
+                  file=sys.stderr)
+        drafter = new_drafter(target, num_hidden_layers=args.layers, block_size=args.block_size, seed=args.seed,
+                              draft_vocab=vocab)
+        drafter.float()  # master weights
     print(f"{len(sequences)} sequences from {args.data}; training the {stage} into {args.out}", file=sys.stderr)
     metrics = train(drafter, target, sequences, config, args.out, max_steps=args.max_steps,
                     log=lambda m: print(m, file=sys.stderr))
@@ -207,6 +215,9 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
     if stage == "drafter":
         p.add_argument("--layers", type=int, default=5, help="layers of a new drafter (default: 5)")
         p.add_argument("--block-size", type=int, default=16, help="block size of a new drafter (default: 16)")
+        p.add_argument("--draft-vocab", type=int, default=None,
+                       help="predict only the N most frequent response tokens (a reduced draft vocabulary; "
+                            "default: the whole vocabulary)")
     else:
         p.add_argument("--finetune-backbone", action="store_true", help="also train the drafter's backbone")
     p.add_argument("--epochs", type=float, default=d.epochs, help=f"(default: {d.epochs})")

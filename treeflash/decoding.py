@@ -160,24 +160,26 @@ class Decoder:
     def _draft_tree(self, method: str, root: int, features: Tensor, dcache, budget: int, config: DecodeConfig, clock):
         if method == "ar":
             return root_only_tree(root)
-        block = self.drafter.draft(self.target, root, features, dcache)
+        drafter = self.drafter
+        block = drafter.draft(self.target, root, features, dcache)
         clock.lap("draft")
         if method == "dflash":
             logprobs = torch.log_softmax(block.logits, dim=-1)
             best = logprobs.max(dim=-1)
-            return chain_tree(root, best.indices.cpu(), best.values.cpu(), budget)
+            return chain_tree(root, drafter.token_ids(best.indices).cpu(), best.values.cpu(), budget)
         if method == "ddtree":
             tokens, logprobs = top_k_logprobs(block.logits, min(budget, block.logits.shape[-1]))
-            return marginal_tree(root, tokens.cpu(), logprobs.cpu(), budget)
+            return marginal_tree(root, drafter.token_ids(tokens).cpu(), logprobs.cpu(), budget)
         # treeflash: candidate parents at depths 1..D-1 are the top-m tokens of those marginals.
         depth, vocab = block.logits.shape
         m = min(config.candidate_tokens or self.drafter.config.candidate_tokens, vocab)
-        parents = block.logits[: depth - 1].topk(m, dim=-1).indices  # [D-1, m]
+        parents = drafter.token_ids(block.logits[: depth - 1].topk(m, dim=-1).indices)  # [D-1, m] target ids
         # Row 0: depth-1 children of the root; row 1 + (d-1)*m + j: children at depth d+1 of parents[d-1, j].
         hidden = torch.cat((block.hidden[:1], block.hidden[1:].repeat_interleave(m, dim=0)))
         row_parents = torch.cat((torch.tensor([root], device=parents.device), parents.flatten()))
-        logits = self.drafter.conditional_logits(self.target, hidden, row_parents)
+        logits = drafter.conditional_logits(self.target, hidden, row_parents)
         tokens, logprobs = top_k_logprobs(logits, min(config.draft_top_k, vocab))
+        tokens = drafter.token_ids(tokens)
         clock.lap("head")
         return conditional_tree(root, parents.cpu(), tokens.cpu(), logprobs.cpu(), budget)
 

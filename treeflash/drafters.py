@@ -88,6 +88,7 @@ class DrafterConfig:
     candidate_tokens: int = 16  # m: candidate parents per position for the head's second stage
     ar_intermediate_size: int | None = None  # I of the head's SwiGLU; defaults to intermediate_size
     target: str | None = None  # name of the target, for humans and error messages
+    draft_vocab_size: int | None = None  # Vd: the drafter predicts only these target tokens (None = all V)
 
     def __post_init__(self):
         self.target_layer_ids = tuple(int(i) for i in self.target_layer_ids)
@@ -157,6 +158,8 @@ class DrafterConfig:
             }
         if self.target:
             d["target_model"] = self.target
+        if self.draft_vocab_size:
+            d["draft_vocab_size"] = self.draft_vocab_size
         return d
 
     @classmethod
@@ -189,6 +192,7 @@ class DrafterConfig:
                 candidate_tokens=(head or {}).get("candidate_tokens", 16),
                 ar_intermediate_size=(head or {}).get("ar_intermediate_size"),
                 target=d.get("target_model"),
+                draft_vocab_size=d.get("draft_vocab_size"),
             )
         except KeyError as e:
             raise TreeFlashError(
@@ -241,6 +245,13 @@ class Drafter(nn.Module):
         self.ar_approximation = (
             ARHead(H, config.ar_intermediate_size) if config.ar_head else None
         )
+        if config.draft_vocab_size:
+            # Target token ids the drafter predicts (a reduced draft vocabulary). Its LM head is these rows
+            # of the target's, so drafting costs Vd/V of a full head; verification is unchanged (lossless).
+            self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_vocab = None
+        self._head_cache: tuple | None = None  # (key, target LM-head rows of the draft vocabulary)
         self._init_weights(qwen3.initializer_range)
 
     def _init_weights(self, std: float):
@@ -324,8 +335,33 @@ class Drafter(nn.Module):
         return BlockDraft(hidden=h, logits=self.logits(target, h))
 
     def logits(self, target: Target, hidden: Tensor) -> Tensor:
-        """Drafter hidden states [n, H] (pre-norm) -> logits [n, V] (at least float32) via the target's LM head."""
-        return upcast(target.lm_head(self.norm(hidden).to(target.dtype)))
+        """Drafter hidden states [n, H] (pre-norm) -> logits [n, Vd] (at least float32) via the target's LM head
+        (its draft-vocabulary rows; Vd = V without one). Column j is target token `token_ids(j)`."""
+        x = self.norm(hidden).to(target.dtype)
+        if self.draft_vocab is None:
+            return upcast(target.lm_head(x))
+        return upcast(F.linear(x, self._draft_head(target)))
+
+    def _draft_head(self, target: Target) -> Tensor:
+        """The target LM head's rows for the draft vocabulary [Vd, H], gathered once per target and dtype."""
+        weight = target.lm_head.weight
+        key = (id(weight), weight.dtype, weight.device, self.draft_vocab.data_ptr())
+        if self._head_cache is None or self._head_cache[0] != key:
+            assert target.lm_head.bias is None, "LM heads with a bias are not supported with a draft vocabulary"
+            self._head_cache = (key, weight.detach()[self.draft_vocab.to(weight.device)])
+        return self._head_cache[1]
+
+    def token_ids(self, indices: Tensor) -> Tensor:
+        """Columns of the drafter's logits -> target token ids (identity without a draft vocabulary)."""
+        return indices if self.draft_vocab is None else self.draft_vocab[indices]
+
+    def draft_index(self, vocab_size: int) -> Tensor:
+        """[V] int64: each target token's column in the drafter's logits, -1 if outside the draft vocabulary."""
+        if self.draft_vocab is None:
+            return torch.arange(vocab_size, device=self.fc.weight.device)
+        index = torch.full((vocab_size,), -1, dtype=torch.long, device=self.draft_vocab.device)
+        index[self.draft_vocab] = torch.arange(self.draft_vocab.numel(), device=self.draft_vocab.device)
+        return index
 
     def conditional_logits(self, target: Target, hidden: Tensor, parents: Tensor) -> Tensor:
         """TreeFlash stage 2. hidden [R, H] (the drafter state at each row's position), parents [R] (the
@@ -360,8 +396,8 @@ def save_drafter(drafter: Drafter, path: str | Path, dtype: torch.dtype | None =
     config = drafter.config.to_json_dict()
     sd = _state_dict_for_save(drafter)
     if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-    config["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    config["dtype"] = str(next(v.dtype for v in sd.values() if v.is_floating_point())).removeprefix("torch.")
     if extra:
         config.update(extra)
     tmp = path / (WEIGHTS_FILE + ".tmp")
@@ -404,7 +440,8 @@ def load_drafter(path: str | Path, target: Target | None = None, dtype: torch.dt
         config.ar_intermediate_size = sd["ar_approximation.d.weight"].shape[1]
     config.ar_head = has_head or config.ar_head
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
-    drafter = Drafter(config).to(next(iter(sd.values())).dtype)
+    stored_dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
+    drafter = Drafter(config).to(stored_dtype)
     if not has_head and config.ar_head:
         sd.update({f"ar_approximation.{k}": v for k, v in drafter.ar_approximation.state_dict().items()})
     try:
@@ -444,6 +481,9 @@ def check_compatible(drafter: Drafter, target: Target) -> None:
             f"{who} reads target layers {list(c.target_layer_ids)} of a {c.num_target_layers}-layer model but "
             f"target {target.name!r} has {target.num_layers} layers; use a drafter trained for this target"
         )
+    if drafter.draft_vocab is not None and int(drafter.draft_vocab.max()) >= target.vocab_size:
+        raise TreeFlashError(f"{who} has draft-vocabulary ids beyond target {target.name!r}'s vocabulary; "
+                             "use a drafter trained for this target")
     if not 0 <= c.mask_token_id < target.embed_tokens.weight.shape[0]:
         raise TreeFlashError(
             f"{who} uses mask token {c.mask_token_id}, outside target {target.name!r}'s embedding; "
@@ -451,12 +491,18 @@ def check_compatible(drafter: Drafter, target: Target) -> None:
         )
 
 
-def new_drafter(target: Target, num_hidden_layers: int = 5, block_size: int = 16, seed: int = 0, **overrides) -> Drafter:
+def new_drafter(target: Target, num_hidden_layers: int = 5, block_size: int = 16, seed: int = 0,
+                draft_vocab: Tensor | None = None, **overrides) -> Drafter:
     """An untrained drafter shaped for `target` (its head, if any, is zero: it drafts like DFlash)."""
     if block_size < 2:
         raise TreeFlashError(f"block size must be at least 2 (an anchor and one drafted position); got {block_size}")
     if num_hidden_layers < 1:
         raise TreeFlashError(f"a drafter needs at least one layer; got {num_hidden_layers}")
+    if draft_vocab is not None:
+        draft_vocab = torch.as_tensor(draft_vocab, dtype=torch.long).unique()
+        if draft_vocab.numel() < 2 or int(draft_vocab.min()) < 0 or int(draft_vocab.max()) >= target.vocab_size:
+            raise TreeFlashError("a draft vocabulary needs at least 2 distinct token ids of the target's vocabulary")
+        overrides["draft_vocab_size"] = draft_vocab.numel()
     config = DrafterConfig.for_target(target, num_hidden_layers=num_hidden_layers, block_size=block_size, **overrides)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # nn.Linear's default init uses the global RNG; keep creation reproducible
@@ -464,4 +510,6 @@ def new_drafter(target: Target, num_hidden_layers: int = 5, block_size: int = 16
         drafter = Drafter(config)
     finally:
         torch.random.set_rng_state(generator_state)
+    if draft_vocab is not None:
+        drafter.draft_vocab.copy_(draft_vocab)
     return drafter.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)

@@ -122,6 +122,20 @@ def target_pass(target: Target, drafter: Drafter, tokens: Tensor, logits: bool):
 # --------------------------------------------------------------------------------------------------
 
 
+def draft_vocabulary(sequences: list[Sequence], size: int, always: tuple[int, ...] = ()) -> tuple[Tensor, float]:
+    """The `size` most frequent response tokens (plus `always`, e.g. EOS), and the share of response tokens
+    they cover. Returns (token ids [size'] int64, coverage)."""
+    counts: dict[int, int] = {}
+    for seq in sequences:
+        for token in seq.tokens[seq.prompt_length:]:
+            counts[token] = counts.get(token, 0) + 1
+    ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    chosen = list(dict.fromkeys(list(always) + ranked))[:size]
+    total = sum(counts.values())
+    coverage = sum(counts.get(t, 0) for t in chosen) / max(1, total)
+    return torch.tensor(sorted(chosen), dtype=torch.long), coverage
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """One training run. CLI flags of `treeflash train drafter|head` map one-to-one onto these fields."""
@@ -197,21 +211,28 @@ def sequence_loss(drafter: Drafter, target: Target, seq: Sequence, config: Train
     need_target_logits = config.stage == "head" and config.loss == "kl"
     features, target_logits = target_pass(target, drafter, tokens, need_target_logits)
     features = features.float()  # the drafter's master weights stay float32 (autocast lowers its matmuls)
-    rows = (blocks.labels >= 0).nonzero().flatten()
+    # Labels as columns of the drafter's logits; with a draft vocabulary, tokens outside it are not trained on.
+    columns = drafter.draft_index(target.vocab_size).cpu()[blocks.labels.clamp(min=0)]
+    rows = ((blocks.labels >= 0) & (columns >= 0)).nonzero().flatten()
+    if rows.numel() == 0:
+        return None
+    labels = columns[rows].to(device)
     w = weights[blocks.offsets[rows]].to(device)
     if config.stage == "drafter":
         hidden = drafter_hidden(drafter, target, tokens, blocks, anchors.to(device), features)[rows.to(device)]
-        logits = drafter.logits(target, hidden)
-        per_row = F.cross_entropy(logits, blocks.labels[rows].to(device), reduction="none")
+        per_row = F.cross_entropy(drafter.logits(target, hidden), labels, reduction="none")
     else:
         with torch.set_grad_enabled(config.finetune_backbone):
             hidden = drafter_hidden(drafter, target, tokens, blocks, anchors.to(device), features)[rows.to(device)]
         logits = drafter.conditional_logits(target, hidden, blocks.parents[rows].to(device))
         if config.loss == "kl":
-            p_log = torch.log_softmax(target_logits[(blocks.positions[rows] - 1).to(device)].float(), -1)
+            p = target_logits[(blocks.positions[rows] - 1).to(device)].float()
+            if drafter.draft_vocab is not None:  # the target's distribution restricted to the draft vocabulary
+                p = p[:, drafter.draft_vocab]
+            p_log = torch.log_softmax(p, -1)
             per_row = (p_log.exp() * (p_log - torch.log_softmax(logits.float(), -1))).sum(-1)
         else:
-            per_row = F.cross_entropy(logits, blocks.labels[rows].to(device), reduction="none")
+            per_row = F.cross_entropy(logits, labels, reduction="none")
     return (per_row * w).sum() / w.sum(), rows.numel()
 
 
@@ -236,9 +257,10 @@ def evaluate(drafter: Drafter, target: Target, sequences: list[Sequence], config
         # The target's greedy token at each block position, given the true prefix.
         greedy = target_logits[(blocks.positions - 1).clamp(max=tokens.numel() - 1)].argmax(-1).cpu()
         valid = (blocks.labels >= 0).view(-1, b)[:, 1:]
-        drafts = {"marginal": drafter.logits(target, hidden).argmax(-1).cpu()}
+        drafts = {"marginal": drafter.token_ids(drafter.logits(target, hidden).argmax(-1)).cpu()}
         if drafter.ar_approximation is not None:
-            drafts["conditional"] = drafter.conditional_logits(target, hidden, blocks.parents.to(target.device)).argmax(-1).cpu()
+            conditional = drafter.conditional_logits(target, hidden, blocks.parents.to(target.device))
+            drafts["conditional"] = drafter.token_ids(conditional.argmax(-1)).cpu()
         for name, tokens_drafted in drafts.items():
             agree = ((tokens_drafted == greedy).view(-1, b)[:, 1:] & valid)
             hits[name] += agree.float().sum(0)
