@@ -130,6 +130,22 @@ def test_stops_at_eos_and_reports_it():
         assert ignored.token_ids == free
 
 
+def test_callback_can_stop_generation_and_tiny_temperatures_are_greedy():
+    target = tiny_target("llama")
+    decoder = Decoder(target, tiny_drafter(target))
+    seen = []
+
+    def stop_after_ten(tokens):
+        seen.extend(tokens)
+        return len(seen) >= 10
+
+    result = decoder.generate(PROMPT, DecodeConfig(method="ddtree", max_new_tokens=50), on_tokens=stop_after_ten)
+    assert result.stop_reason == "stopped" and 10 <= result.new_tokens < 50 and result.token_ids == seen
+    greedy = decoder.generate(PROMPT, DecodeConfig(method="ar", max_new_tokens=20)).token_ids
+    assert decoder.generate(PROMPT, DecodeConfig(method="ar", max_new_tokens=20, temperature=1e-40,
+                                                 seed=1)).token_ids == greedy
+
+
 def test_stops_at_the_context_limit():
     target = tiny_target("qwen3", max_length=40)
     drafter = tiny_drafter(target)

@@ -85,7 +85,7 @@ class DecodeResult:
     acceptance_lengths: list[int]  # accepted drafted tokens per round (the bonus not counted)
     stage_seconds: dict[str, float]  # wall time per stage, summed over rounds (see STAGES)
     seconds: float  # wall time of the whole generation, prefill included
-    stop_reason: str  # "eos", "max_new_tokens" or "context"
+    stop_reason: str  # "eos", "max_new_tokens", "context" or "stopped" (by the on_tokens callback)
     budget: int  # draft nodes per round (0 for ar)
     seed: int | None  # the sampling seed actually used (None when greedy)
     text: str | None = None
@@ -192,7 +192,8 @@ class Decoder:
         config: DecodeConfig | None = None,
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> DecodeResult:
-        """Generate from token ids. `on_tokens` is called with each round's committed tokens."""
+        """Generate from token ids. `on_tokens` is called with each round's committed tokens; if it returns
+        True, generation stops there (stop reason "stopped"), e.g. when a client went away."""
         config = config or DecodeConfig()
         target, drafter, method = self.target, self.drafter, config.method
         if method != "ar" and drafter is None:
@@ -239,11 +240,11 @@ class Decoder:
         features = out.features  # [n, k*H]: context the drafter has not seen yet
         committed = [first]
         clock.lap("prefill")
-        if on_tokens:
-            on_tokens([first])
 
         acceptance, stop = [], None
-        if first in eos:
+        if on_tokens and on_tokens([first]):
+            stop = "stopped"
+        elif first in eos:
             stop = "eos"
         elif config.max_new_tokens <= 1:
             stop = "max_new_tokens"
@@ -286,8 +287,8 @@ class Decoder:
                 new, stop = new[:room_left], stop or "max_new_tokens"
             committed.extend(new)
             clock.lap("commit")
-            if on_tokens:
-                on_tokens(new)
+            if on_tokens and on_tokens(new):
+                stop = stop or "stopped"
 
         seconds = time.perf_counter() - start
         text = target.tokenizer.decode(committed, skip_special_tokens=True) if target.tokenizer is not None else None

@@ -34,6 +34,7 @@ __all__ = ["Acceptance", "SamplingConfig", "choose_tokens", "follow"]
 
 _SEED_MULTIPLIER = 1_000_003
 _SEED_MASK = (1 << 63) - 1
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy
 _NUCLEUS_PROBE = 1024  # tokens looked at before top-p falls back to sorting the whole vocabulary
 
 
@@ -63,8 +64,9 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        """True when the target takes its argmax (temperature 0); top-k and top-p then change nothing."""
-        return self.temperature == 0
+        """True when the target takes its argmax: temperature 0, or below 1e-5, where logits / T would
+        overflow float32 (and the distribution is one-hot anyway). Top-k and top-p then change nothing."""
+        return self.temperature < GREEDY_BELOW
 
 
 def _position_seed(seed: int, position: int) -> int:
