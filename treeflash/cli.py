@@ -271,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(s)
     add_serve_flags(s)
 
+    from .bench import add_bench_flags
+
+    b = sub.add_parser("bench", help="benchmark every method against ar and transformers generate; report, plots")
+    _add_model_flags(b)
+    add_bench_flags(b)
+
     train = sub.add_parser("train", help="make training data, train drafters and TreeFlash heads")
     steps = train.add_subparsers(dest="step", required=True)
     d = steps.add_parser("data", help="regenerate responses to prompts with the target (resumable)")

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .drafters import Drafter, check_compatible
+from .drafters import BlockDraft, Drafter, check_compatible
 from .errors import TreeFlashError
 from .targets import Target
 from .trees import (
@@ -160,28 +160,10 @@ class Decoder:
     def _draft_tree(self, method: str, root: int, features: Tensor, dcache, budget: int, config: DecodeConfig, clock):
         if method == "ar":
             return root_only_tree(root)
-        drafter = self.drafter
-        block = drafter.draft(self.target, root, features, dcache)
+        block = self.drafter.draft(self.target, root, features, dcache)
         clock.lap("draft")
-        if method == "dflash":
-            logprobs = torch.log_softmax(block.logits, dim=-1)
-            best = logprobs.max(dim=-1)
-            return chain_tree(root, drafter.token_ids(best.indices).cpu(), best.values.cpu(), budget)
-        if method == "ddtree":
-            tokens, logprobs = top_k_logprobs(block.logits, min(budget, block.logits.shape[-1]))
-            return marginal_tree(root, drafter.token_ids(tokens).cpu(), logprobs.cpu(), budget)
-        # treeflash: candidate parents at depths 1..D-1 are the top-m tokens of those marginals.
-        depth, vocab = block.logits.shape
-        m = min(config.candidate_tokens or self.drafter.config.candidate_tokens, vocab)
-        parents = drafter.token_ids(block.logits[: depth - 1].topk(m, dim=-1).indices)  # [D-1, m] target ids
-        # Row 0: depth-1 children of the root; row 1 + (d-1)*m + j: children at depth d+1 of parents[d-1, j].
-        hidden = torch.cat((block.hidden[:1], block.hidden[1:].repeat_interleave(m, dim=0)))
-        row_parents = torch.cat((torch.tensor([root], device=parents.device), parents.flatten()))
-        logits = drafter.conditional_logits(self.target, hidden, row_parents)
-        tokens, logprobs = top_k_logprobs(logits, min(config.draft_top_k, vocab))
-        tokens = drafter.token_ids(tokens)
-        clock.lap("head")
-        return conditional_tree(root, parents.cpu(), tokens.cpu(), logprobs.cpu(), budget)
+        return build_tree(self.drafter, self.target, method, root, block, budget, config.draft_top_k,
+                          config.candidate_tokens, lap=clock.lap)
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -305,6 +287,34 @@ class Decoder:
             seed=None if sampling.greedy else sampling.seed,
             text=text,
         )
+
+
+def build_tree(drafter: Drafter, target: Target, method: str, root: int, block: BlockDraft, budget: int,
+               draft_top_k: int = 16, candidate_tokens: int | None = None,
+               lap: Callable[[str], None] = lambda stage: None) -> DraftTree:
+    """The tree `method` (dflash, ddtree or treeflash) drafts after `root` from one drafted block.
+
+    TreeFlash's second stage (the head's conditionals) runs here; `lap("head")` marks its end for timing.
+    """
+    depth, vocab = block.logits.shape
+    if method == "dflash":
+        best = torch.log_softmax(block.logits, dim=-1).max(dim=-1)
+        return chain_tree(root, drafter.token_ids(best.indices).cpu(), best.values.cpu(), budget)
+    if method == "ddtree":
+        tokens, logprobs = top_k_logprobs(block.logits, min(budget, vocab))
+        return marginal_tree(root, drafter.token_ids(tokens).cpu(), logprobs.cpu(), budget)
+    if method != "treeflash":
+        raise TreeFlashError(f"no draft tree for method {method!r}; choose dflash, ddtree or treeflash")
+    # Candidate parents at depths 1..D-1 are the top-m tokens of those marginals.
+    m = min(candidate_tokens or drafter.config.candidate_tokens, vocab)
+    parents = drafter.token_ids(block.logits[: depth - 1].topk(m, dim=-1).indices)  # [D-1, m] target ids
+    # Row 0: depth-1 children of the root; row 1 + (d-1)*m + j: children at depth d+1 of parents[d-1, j].
+    hidden = torch.cat((block.hidden[:1], block.hidden[1:].repeat_interleave(m, dim=0)))
+    row_parents = torch.cat((torch.tensor([root], device=parents.device), parents.flatten()))
+    logits = drafter.conditional_logits(target, hidden, row_parents)
+    tokens, logprobs = top_k_logprobs(logits, min(draft_top_k, vocab))
+    lap("head")
+    return conditional_tree(root, parents.cpu(), drafter.token_ids(tokens).cpu(), logprobs.cpu(), budget)
 
 
 def _prune_depth(tree: DraftTree, max_depth: int) -> DraftTree:
