@@ -365,7 +365,7 @@ def train(
                 continue
             loss, _ = result
             (loss / config.batch_size).backward()
-            total_loss += float(loss)
+            total_loss += float(loss.detach())
             used += 1
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)) if used else 0.0
         optimizer.step()
