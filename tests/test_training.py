@@ -194,3 +194,14 @@ def test_bad_inputs_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(TreeFlashError, match="not enough disk space"):
         train(tiny_drafter(target, block_size=4).float(), target, _sequences(target), _config(epochs=1),
               tmp_path / "y", progress=False, log=lambda m: None)
+
+
+def test_max_sequences_pins_the_data(tmp_path):
+    target = tiny_target("llama", dtype=torch.float32)
+    metrics = train(_fresh(target), target, _sequences(target, count=6), _config(epochs=1, max_sequences=4),
+                    tmp_path / "run", progress=False, log=lambda m: None)
+    assert metrics["total_steps"] == 2  # 4 sequences, 2 held out for validation
+    # More data arriving later does not change the run: it resumes (here: is already complete).
+    again = train(_fresh(target), target, _sequences(target, count=9), _config(epochs=1, max_sequences=4),
+                  tmp_path / "run", progress=False, log=lambda m: None)
+    assert again["step"] == 2

@@ -139,6 +139,7 @@ def _train_config_from_args(args: argparse.Namespace, stage: str):
     return TrainConfig(
         stage=stage, epochs=args.epochs, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, batch_size=args.batch_size, anchors=args.anchors, max_length=args.max_length,
+        max_sequences=args.max_sequences,
         gamma=args.gamma, loss=args.loss, finetune_backbone=getattr(args, "finetune_backbone", False),
         val_sequences=args.val_sequences, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         precision=args.precision,
@@ -166,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             drafter = _with_head(drafter, target)
     elif stage == "head":
         raise TreeFlashError("training a head starts from a trained drafter; pass --init PATH")
-    sequences = load_sequences(args.data, max_length=config.max_length)
+    sequences = load_sequences(args.data, max_length=config.max_length)[: config.max_sequences]
     if not args.init:
         vocab = None
         if args.draft_vocab:
@@ -228,6 +229,8 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default: {d.batch_size})")
     p.add_argument("--anchors", type=int, default=d.anchors, help=f"blocks per sequence (default: {d.anchors})")
     p.add_argument("--max-length", type=int, default=d.max_length, help=f"(default: {d.max_length})")
+    p.add_argument("--max-sequences", type=int, default=None,
+                   help="use only the first N sequences, so a run resumes on the same data while more is made")
     p.add_argument("--gamma", type=float, default=None, help="position-weight decay (default: 7 for block 16)")
     p.add_argument("--loss", choices=("ce", "kl"), default=None,
                    help="ce (true tokens) or kl (to the target's distribution) (default: ce for drafters, kl for heads)")

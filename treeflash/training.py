@@ -149,6 +149,7 @@ class TrainConfig:
     batch_size: int = 1  # sequences per optimizer step
     anchors: int = 32  # anchors (blocks) per sequence (DFlash: 512 on GPUs)
     max_length: int = 1024  # tokens per sequence, longer ones are cut
+    max_sequences: int | None = None  # use the first N sequences of the data (pins a run while data grows)
     gamma: float | None = None  # position-weight decay; None = by block size (7 for b = 16)
     loss: str | None = None  # "ce" or "kl"; None = ce for the drafter, kl for the head
     finetune_backbone: bool = False  # head stage: also train the backbone
@@ -308,6 +309,8 @@ def train(
     from tqdm.auto import tqdm
 
     check_compatible(drafter, target)
+    if config.max_sequences is not None:
+        sequences = sequences[: config.max_sequences]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     split = torch.Generator().manual_seed(config.seed)
