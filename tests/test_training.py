@@ -205,3 +205,16 @@ def test_max_sequences_pins_the_data(tmp_path):
     again = train(_fresh(target), target, _sequences(target, count=9), _config(epochs=1, max_sequences=4),
                   tmp_path / "run", progress=False, log=lambda m: None)
     assert again["step"] == 2
+
+
+def test_initialize_from_target_copies_the_last_layers():
+    from treeflash.training import initialize_from_target
+
+    target = tiny_target("llama", dtype=torch.float32)
+    drafter = _fresh(target)
+    copied = initialize_from_target(drafter, target)
+    assert torch.equal(drafter.layers[1].mlp.down_proj.weight, target.layers[5].mlp.down_proj.weight)
+    assert torch.equal(drafter.layers[0].self_attn.q_proj.weight, target.layers[4].self_attn.q_proj.weight)
+    assert "layers.0.self_attn.q_norm.weight" not in copied  # Llama has none: stays 1
+    features = torch.randn(3, 3 * 32)
+    torch.testing.assert_close(drafter.fc(features), features[:, 64:96])  # passes layer 4 (the deepest) through

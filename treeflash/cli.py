@@ -179,6 +179,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         drafter = new_drafter(target, num_hidden_layers=args.layers, block_size=args.block_size, seed=args.seed,
                               draft_vocab=vocab)
         drafter.float()  # master weights
+        if args.init_from_target:
+            from .training import initialize_from_target
+
+            copied = initialize_from_target(drafter, target)
+            print(f"initialised {len(copied)} drafter tensors from the target's last layers", file=sys.stderr)
     print(f"{len(sequences)} sequences from {args.data}; training the {stage} into {args.out}", file=sys.stderr)
     metrics = train(drafter, target, sequences, config, args.out, max_steps=args.max_steps,
                     log=lambda m: print(m, file=sys.stderr))
@@ -216,6 +221,8 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
     if stage == "drafter":
         p.add_argument("--layers", type=int, default=5, help="layers of a new drafter (default: 5)")
         p.add_argument("--block-size", type=int, default=16, help="block size of a new drafter (default: 16)")
+        p.add_argument("--init-from-target", action="store_true",
+                       help="start the drafter's layers from the target's last layers (where shapes agree)")
         p.add_argument("--draft-vocab", type=int, default=None,
                        help="predict only the N most frequent response tokens (a reduced draft vocabulary; "
                             "default: the whole vocabulary)")

@@ -136,6 +136,31 @@ def draft_vocabulary(sequences: list[Sequence], size: int, always: tuple[int, ..
     return torch.tensor(sorted(chosen), dtype=torch.long), coverage
 
 
+@torch.no_grad()
+def initialize_from_target(drafter: Drafter, target: Target) -> list[str]:
+    """Start a drafter from the target's own last layers instead of random weights.
+
+    Drafter layer i takes target layer L - n + i (n drafter layers) where the shapes agree; `fc` starts by
+    passing the deepest feature layer through, and `hidden_norm`/`norm` take the matching target norms.
+    The per-head q/k norms that Llama/Qwen2 lack stay at 1. Returns the names of the tensors copied.
+    """
+    copied = []
+    n, L = len(drafter.layers), target.num_layers
+    for i, layer in enumerate(drafter.layers):
+        source = dict(target.layers[L - n + i].named_parameters())
+        for name, param in layer.named_parameters():
+            if name in source and source[name].shape == param.shape:
+                param.copy_(source[name].to(param.dtype))
+                copied.append(f"layers.{i}.{name}")
+    H = drafter.config.hidden_size
+    deepest = max(range(len(drafter.config.target_layer_ids)), key=lambda j: drafter.config.target_layer_ids[j])
+    drafter.fc.weight.zero_()
+    drafter.fc.weight[:, deepest * H:(deepest + 1) * H] = torch.eye(H, dtype=drafter.fc.weight.dtype)
+    drafter.hidden_norm.weight.copy_(target.layers[L - n].input_layernorm.weight.to(drafter.fc.weight.dtype))
+    drafter.norm.weight.copy_(target.final_norm.weight.to(drafter.fc.weight.dtype))
+    return copied + ["fc.weight", "hidden_norm.weight", "norm.weight"]
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """One training run. CLI flags of `treeflash train drafter|head` map one-to-one onto these fields."""
