@@ -203,27 +203,7 @@ def test_teacher_forced_analysis_with_an_oracle_drafter_accepts_everything():
 # --------------------------------------------------------------------------------------------------
 # End to end on a tiny model saved to disk
 
-WORDS = ["<unk>", "<eos>", "<user>", "<assistant>", "<mask>"] + [f"w{i}" for i in range(92)]
-TEMPLATE = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    target = tiny_target("llama", dtype=torch.float32)
-    target.model.config.eos_token_id = 1
-    target.model.generation_config.eos_token_id = 1
-    target.model.save_pretrained(path)
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>",
-                                        additional_special_tokens=["<user>", "<assistant>", "<mask>"])
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(path)
-    return path
+from test_cli import model_dir  # noqa: E402,F401  (the tiny on-disk chat model, shared with the CLI tests)
 
 
 @pytest.fixture(scope="module")
