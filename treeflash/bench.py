@@ -45,7 +45,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .decoding import METHODS, STAGES, DecodeConfig, Decoder
+from .decoding import METHODS, STAGES, DecodeConfig, Decoder, tau
 from .errors import TreeFlashError
 from .trees import check_budget
 
@@ -61,12 +61,7 @@ RUNS_FILE, SUMMARY_FILE, REPORT_FILE, ANALYSIS_FILE = "runs.json", "summary.csv"
 # The metrics, each defined once.
 
 
-def tau(acceptance_lengths: Sequence[int]) -> float:
-    """Mean tokens committed per round, the bonus token counted: 1 + mean(acceptance lengths).
-
-    Plain autoregressive decoding has tau = 1. NaN when there were no rounds (the prefill's token was the
-    last one). Pooling several runs = calling this on their concatenated acceptance lengths."""
-    return 1.0 + sum(acceptance_lengths) / len(acceptance_lengths) if acceptance_lengths else math.nan
+# tau is defined with the decode loop (`treeflash.decoding.tau`) and imported here.
 
 
 def acceptance_histogram(acceptance_lengths: Iterable[int], size: int = 0) -> list[int]:

@@ -15,9 +15,10 @@ tau = mean over rounds of (accepted drafted tokens + 1 bonus), so `ar` has tau =
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -96,8 +97,8 @@ class DecodeResult:
 
     @property
     def tau(self) -> float:
-        """Mean tokens committed per round, the bonus token included (ar: 1)."""
-        return 1.0 + sum(self.acceptance_lengths) / self.rounds if self.rounds else float("nan")
+        """Mean tokens committed per round, the bonus token included (ar: 1); see `tau`."""
+        return tau(self.acceptance_lengths)
 
     @property
     def tokens_per_second(self) -> float:
@@ -120,6 +121,24 @@ class DecodeResult:
             "budget": self.budget,
             "seed": self.seed,
         }
+
+
+def tau(acceptance_lengths: Sequence[int]) -> float:
+    """Mean tokens committed per round, the bonus token counted: 1 + mean(acceptance lengths).
+
+    Plain autoregressive decoding has tau = 1. NaN when there were no rounds (the prefill's token was the
+    last one). Pooling several runs = calling this on their concatenated acceptance lengths."""
+    return 1.0 + sum(acceptance_lengths) / len(acceptance_lengths) if acceptance_lengths else math.nan
+
+
+def resolve_budget(method: str, budget: int | None, drafter: Drafter | None) -> int:
+    """Draft nodes per round: 0 for ar; the given budget; else b-1 for dflash (its whole chain) and
+    DEFAULT_BUDGET for the trees."""
+    if method == "ar":
+        return 0
+    if budget is not None:
+        return budget
+    return drafter.block_size - 1 if method == "dflash" else DEFAULT_BUDGET
 
 
 def root_only_tree(root: int) -> DraftTree:
@@ -194,10 +213,7 @@ class Decoder:
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise TreeFlashError(f"the prompt has token ids outside the target's vocabulary [0, {vocab})")
 
-        depth = 0 if method == "ar" else drafter.block_size - 1
-        budget = {"ar": 0, "dflash": depth}[method] if method in ("ar", "dflash") else DEFAULT_BUDGET
-        if config.budget is not None and method != "ar":
-            budget = config.budget
+        budget = resolve_budget(method, config.budget, drafter)
         sampling = config.sampling
         if not sampling.greedy and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
@@ -298,8 +314,8 @@ def build_tree(drafter: Drafter, target: Target, method: str, root: int, block: 
     """
     depth, vocab = block.logits.shape
     if method == "dflash":
-        best = torch.log_softmax(block.logits, dim=-1).max(dim=-1)
-        return chain_tree(root, drafter.token_ids(best.indices).cpu(), best.values.cpu(), budget)
+        tokens, logprobs = top_k_logprobs(block.logits, 1)  # [D, 1]: the argmax of each marginal
+        return chain_tree(root, drafter.token_ids(tokens[:, 0]).cpu(), logprobs[:, 0].cpu(), budget)
     if method == "ddtree":
         tokens, logprobs = top_k_logprobs(block.logits, min(budget, vocab))
         return marginal_tree(root, drafter.token_ids(tokens).cpu(), logprobs.cpu(), budget)

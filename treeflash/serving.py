@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from .decoding import DEFAULT_BUDGET, METHODS, DecodeConfig, DecodeResult
+from .decoding import METHODS, DecodeConfig, DecodeResult, resolve_budget
 from .errors import TreeFlashError
 
 log = logging.getLogger("treeflash.serve")
@@ -671,8 +671,8 @@ class Server:
         if budget is not None and not 1 <= budget <= self.config.max_budget:
             raise _invalid(f"budget must be between 1 and {self.config.max_budget} draft nodes on this server; "
                            f"got {budget}", "budget")
-        if budget is None and method != "ar":  # as Decoder.generate resolves it, so that it can be reported
-            budget = drafter.block_size - 1 if method == "dflash" else DEFAULT_BUDGET
+        if method != "ar":  # resolved here as Decoder.generate does, so that it can be reported
+            budget = resolve_budget(method, budget, drafter)
         ignore_eos = _field(body, "ignore_eos", bool, False)
         try:
             config = DecodeConfig(method=method, budget=budget, temperature=float(temperature), top_p=float(top_p),
