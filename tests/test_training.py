@@ -218,3 +218,40 @@ def test_initialize_from_target_copies_the_last_layers():
     assert "layers.0.self_attn.q_norm.weight" not in copied  # Llama has none: stays 1
     features = torch.randn(3, 3 * 32)
     torch.testing.assert_close(drafter.fc(features), features[:, 64:96])  # passes layer 4 (the deepest) through
+
+
+def test_feature_scale_balances_the_inputs_and_folds_exactly(tmp_path):
+    """fc trains behind per-feature powers of two that even out the target's feature magnitudes; putting fc
+    behind them and taking it back out changes nothing, bit for bit, and checkpoints hold the folded weights."""
+    from treeflash.drafters import load_drafter, save_drafter
+    from treeflash.training import feature_scale, scale_features
+
+    target = tiny_target("llama", dtype=torch.float32)
+    drafter = _fresh(target)
+    data = _sequences(target)
+    scale = feature_scale(drafter, target, data)
+    assert torch.equal(scale, torch.exp2(torch.log2(scale).round()))  # powers of two
+    features = torch.cat([target_pass(target, drafter, torch.tensor(s.tokens), False)[0][1:] for s in data])
+    rms = (features * scale).pow(2).mean(0).sqrt()
+    assert rms.min() > 0.7 and rms.max() < 1.42  # within a factor sqrt(2) of 1, whatever the raw spread
+    x = features[:5]
+    before, weight = drafter.fuse(x), drafter.fc.weight.clone()
+    scale_features(drafter, scale)
+    assert not torch.equal(drafter.fc.weight, weight)
+    torch.testing.assert_close(drafter.fuse(x), before, atol=1e-6, rtol=1e-6)
+    save_drafter(drafter, tmp_path / "d")
+    assert torch.equal(load_drafter(tmp_path / "d", target).fc.weight, weight)
+    scale_features(drafter, None)
+    assert torch.equal(drafter.fc.weight, weight) and drafter.feature_scale is None
+
+
+def test_training_hands_back_a_plain_drafter(tmp_path):
+    """After training behind the feature scale, the drafter in memory and its checkpoint compute the same."""
+    from treeflash.drafters import load_drafter
+
+    target = tiny_target("llama", dtype=torch.float32)
+    drafter = _fresh(target)
+    train(drafter, target, _sequences(target), _config(epochs=1), tmp_path / "r", progress=False, log=lambda m: None)
+    assert drafter.feature_scale is None
+    saved = load_drafter(tmp_path / "r" / "drafter", target)
+    assert torch.equal(saved.fc.weight, drafter.fc.weight)

@@ -142,7 +142,7 @@ def _train_config_from_args(args: argparse.Namespace, stage: str):
         max_sequences=args.max_sequences,
         gamma=args.gamma, loss=args.loss, finetune_backbone=getattr(args, "finetune_backbone", False),
         val_sequences=args.val_sequences, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-        precision=args.precision,
+        precision=args.precision, balance_features=not getattr(args, "no_balance_features", False),
     )
 
 
@@ -184,6 +184,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             copied = initialize_from_target(drafter, target)
             print(f"initialised {len(copied)} drafter tensors from the target's last layers", file=sys.stderr)
+        if config.balance_features:
+            from .training import balanced_init
+
+            balanced_init(drafter, target, sequences, max_length=config.max_length)
     print(f"{len(sequences)} sequences from {args.data}; training the {stage} into {args.out}", file=sys.stderr)
     metrics = train(drafter, target, sequences, config, args.out, max_steps=args.max_steps,
                     log=lambda m: print(m, file=sys.stderr))
@@ -228,6 +232,9 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
                             "default: the whole vocabulary)")
     else:
         p.add_argument("--finetune-backbone", action="store_true", help="also train the drafter's backbone")
+    p.add_argument("--no-balance-features", action="store_true",
+                   help="train fc on the raw target features (default: behind a fixed per-feature scale that "
+                        "evens out the target's massive activations; saved checkpoints are the same format either way)")
     p.add_argument("--epochs", type=float, default=d.epochs, help=f"(default: {d.epochs})")
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr})")
     p.add_argument("--warmup", type=float, default=d.warmup, help=f"share of warm-up steps (default: {d.warmup})")

@@ -252,6 +252,9 @@ class Drafter(nn.Module):
         else:
             self.draft_vocab = None
         self._head_cache: tuple | None = None  # (key, target LM-head rows of the draft vocabulary)
+        # Training only (see training.feature_scale): per-input powers of two that `fc` is trained behind, so
+        # that the target's massive activations don't dominate; folded into `fc.weight` whenever it is saved.
+        self.register_buffer("feature_scale", None, persistent=False)
         self._init_weights(qwen3.initializer_range)
 
     def _init_weights(self, std: float):
@@ -277,6 +280,8 @@ class Drafter(nn.Module):
 
     def fuse(self, target_features: Tensor) -> Tensor:
         """Target layer outputs [n, k*H] -> context features [n, H]."""
+        if self.feature_scale is not None:
+            target_features = target_features * self.feature_scale.to(target_features.dtype)
         return self.hidden_norm(self.fc(target_features))
 
     def forward_block(
@@ -382,6 +387,8 @@ class Drafter(nn.Module):
 
 def _state_dict_for_save(drafter: Drafter) -> dict[str, Tensor]:
     sd = {k: v.detach().contiguous() for k, v in drafter.state_dict().items()}
+    if drafter.feature_scale is not None:  # fold the training-time feature scale into fc (exact: powers of two)
+        sd["fc.weight"] = sd["fc.weight"] * drafter.feature_scale.to(sd["fc.weight"].dtype)[None, :]
     if drafter.ar_approximation is None:
         return sd
     return {(k if k.startswith("ar_approximation.") else f"model.{k}"): v for k, v in sd.items()}

@@ -161,6 +161,49 @@ def initialize_from_target(drafter: Drafter, target: Target) -> list[str]:
     return copied + ["fc.weight", "hidden_norm.weight", "norm.weight"]
 
 
+@torch.no_grad()
+def feature_scale(drafter: Drafter, target: Target, sequences: list[Sequence], count: int = 16,
+                  max_length: int = 1024) -> Tensor:
+    """Per-input scale of the drafter's `fc` [k*H]: the power of two nearest 1 / RMS of each target feature
+    over the first `count` sequences (first tokens skipped: they are attention sinks).
+
+    Target hidden states carry a few massive dimensions (SmolLM2: 4 of 576 hold ~55% of the energy, and the
+    deepest layer is 10x the shallowest), so a randomly initialised `fc` mostly passes those through and every
+    context position looks alike. Training `fc` behind this fixed scale balances the inputs, and Adam's steps
+    are then the same size relative to every input. Powers of two make folding it into the weights exact.
+    """
+    total, n = None, 0
+    for seq in sequences[:count]:
+        tokens = torch.tensor(seq.tokens[:max_length], device=target.device)
+        features, _ = target_pass(target, drafter, tokens, logits=False)
+        x = features[1:].double()
+        total = x.pow(2).sum(0) if total is None else total + x.pow(2).sum(0)
+        n += x.shape[0]
+    if not n:
+        raise TreeFlashError("no sequences to measure the target's feature scale on")
+    rms = (total / n).sqrt().clamp(min=1e-6)
+    return torch.exp2(torch.round(-torch.log2(rms))).float()
+
+
+@torch.no_grad()
+def balanced_init(drafter: Drafter, target: Target, sequences: list[Sequence], max_length: int = 1024) -> None:
+    """Make a new drafter's `fc` see balanced inputs: its weights times `feature_scale`, so that once training
+    puts `fc` behind that scale its trained parameters are the plain initialisation again."""
+    drafter.fc.weight.mul_(feature_scale(drafter, target, sequences, max_length=max_length).to(drafter.fc.weight)[None, :])
+
+
+def scale_features(drafter: Drafter, scale: Tensor | None) -> None:
+    """Put `fc` behind `scale` (or take it back out with None) without changing what the drafter computes."""
+    with torch.no_grad():
+        if drafter.feature_scale is not None:
+            drafter.fc.weight.mul_(drafter.feature_scale.to(drafter.fc.weight)[None, :])
+        drafter.feature_scale = None
+        if scale is not None:
+            scale = scale.to(drafter.fc.weight.device)
+            drafter.fc.weight.div_(scale.to(drafter.fc.weight)[None, :])
+            drafter.feature_scale = scale
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """One training run. CLI flags of `treeflash train drafter|head` map one-to-one onto these fields."""
@@ -178,6 +221,7 @@ class TrainConfig:
     gamma: float | None = None  # position-weight decay; None = by block size (7 for b = 16)
     loss: str | None = None  # "ce" or "kl"; None = ce for the drafter, kl for the head
     finetune_backbone: bool = False  # head stage: also train the backbone
+    balance_features: bool = True  # train fc behind a fixed per-input scale (see feature_scale) when it trains
     val_sequences: int = 32  # held out from the data for validation
     eval_every: int = 200  # steps between validations
     save_every: int = 200  # steps between checkpoints
@@ -348,6 +392,10 @@ def train(
     meta = {"config": dataclasses.asdict(config), "train_sequences": len(train_set), "val_sequences": n_val,
             "total_steps": total}
 
+    scale = None
+    if config.balance_features and (config.stage == "drafter" or config.finetune_backbone):
+        scale = feature_scale(drafter, target, sequences, max_length=config.max_length)
+        scale_features(drafter, scale)
     params = trainable_parameters(drafter, config)
     for p in drafter.parameters():
         p.requires_grad_(False)
@@ -364,7 +412,9 @@ def train(
         if state["meta"]["config"] != meta["config"] or state["meta"]["total_steps"] != total:
             raise TreeFlashError(f"{out} holds a run with other settings; resume with the same flags or use a new --out")
         saved = load_drafter(out / DRAFTER_DIR, target, dtype=next(drafter.parameters()).dtype)
-        drafter.load_state_dict(saved.state_dict())
+        scale_features(drafter, None)
+        drafter.load_state_dict(saved.state_dict())  # saved with the scale folded in
+        scale_features(drafter, scale)
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step = state["step"]
@@ -415,6 +465,7 @@ def train(
         if step % config.save_every == 0 or step == stop:
             save_checkpoint(out, drafter, optimizer, step, generator, meta)
     bar.close()
+    scale_features(drafter, None)
     drafter.eval()
     drafter.requires_grad_(False)
     return {"step": step, "total_steps": total, **metrics}
