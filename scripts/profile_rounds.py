@@ -4,12 +4,14 @@ Shows where a round's time goes and that nothing but the model's own attention g
 Uses an untrained drafter: acceptance is ~0, so this measures cost per round, not speedup (that is
 `treeflash bench`'s job). Writes a Markdown table to the path given (default: stdout).
 
-    python scripts/profile_rounds.py results/engine/stage_times_cpu.md
+    python scripts/profile_rounds.py results/engine/stage_times_cpu.md [--drafter-dtype float32] [--threads 1]
 """
 
 from __future__ import annotations
 
+import argparse
 import platform
+
 import sys
 
 import torch
@@ -22,9 +24,14 @@ NEW_TOKENS = 48
 BUDGET = 64
 
 
-def main(out: str | None) -> None:
+def main(out: str | None, drafter_dtype: str | None, threads: int | None) -> None:
+    from treeflash.api import default_drafter_dtype, parse_dtype
+
+    if threads:
+        torch.set_num_threads(threads)
     target = load_target()
-    decoder = Decoder(target, new_drafter(target))
+    dtype = parse_dtype(drafter_dtype) if drafter_dtype else default_drafter_dtype(target)
+    decoder = Decoder(target, new_drafter(target).to(dtype))
     short = target.encode_prompt("Write a haiku about the sea.")
     text = "The quick brown fox jumps over the lazy dog while the sea keeps rolling in. " * 80
     long = target.encode_prompt(text)[:1024]
@@ -41,7 +48,8 @@ def main(out: str | None) -> None:
     lines = [
         f"Per-round stage times (ms), {NEW_TOKENS} new tokens, untrained drafter, greedy. Machine: "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}. Command: `python scripts/profile_rounds.py`.",
+        f"torch {torch.__version__}, drafter in {str(dtype).removeprefix('torch.')}. Command: "
+        f"`python scripts/profile_rounds.py {' '.join(sys.argv[1:])}`.",
         "",
         "| context | prompt tokens | method | budget | rounds | tau | " + " | ".join(s for s in STAGES[1:]) + " | round total |",
         "|---|---|---|---|---|---|" + "---|" * (len(STAGES) - 1) + "---|",
@@ -59,4 +67,9 @@ def main(out: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default=None)
+    parser.add_argument("--drafter-dtype", default=None, help="default: treeflash.api.default_drafter_dtype")
+    parser.add_argument("--threads", type=int, default=None)
+    a = parser.parse_args()
+    main(a.out, a.drafter_dtype, a.threads)

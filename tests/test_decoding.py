@@ -52,6 +52,39 @@ def test_greedy_with_a_reduced_draft_vocabulary_equals_ar(method):
 
 
 @pytest.mark.parametrize("method", METHODS[1:])
+def test_a_bfloat16_drafter_on_a_float32_target_equals_ar(method):
+    """The drafter's precision changes proposals only (the default on AMX CPUs: see default_drafter_dtype)."""
+    target = tiny_target("llama", dtype=torch.float32)
+    drafter = tiny_drafter(target).to(torch.bfloat16)
+    decoder = Decoder(target, drafter)
+    reference = decoder.generate(PROMPT, DecodeConfig(method="ar", max_new_tokens=40)).token_ids
+    result = decoder.generate(PROMPT, DecodeConfig(method=method, budget=12, max_new_tokens=40))
+    assert result.token_ids == reference
+
+
+def test_drafter_rotary_stays_float32_in_bfloat16():
+    """Rotary tables are computed from float32 frequencies whatever the drafter's dtype."""
+    target = tiny_target("llama", dtype=torch.float32)
+    fp32 = tiny_drafter(target)
+    bf16 = tiny_drafter(target).to(torch.bfloat16)
+    positions = torch.tensor([0, 7, 900, 5000])
+    for a, b in zip(fp32.rotary(positions), bf16.rotary(positions)):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a, atol=8e-3, rtol=0)  # bf16 rounding of the value only
+
+
+def test_default_drafter_dtype(monkeypatch):
+    from treeflash import api
+
+    target = tiny_target("llama", dtype=torch.float32)
+    monkeypatch.setattr(api, "_cpu_has_amx", lambda: True)
+    assert api.default_drafter_dtype(target) == torch.bfloat16
+    monkeypatch.setattr(api, "_cpu_has_amx", lambda: False)
+    assert api.default_drafter_dtype(target) == torch.float32
+    assert api.default_drafter_dtype(tiny_target("llama", dtype=torch.float64)) == torch.float64
+
+
+@pytest.mark.parametrize("method", METHODS[1:])
 def test_oracle_drafter_reaches_the_block_size(method):
     target = tiny_target("qwen3")
     expected = greedy_reference(target, PROMPT, 60 + 8)

@@ -37,13 +37,31 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def default_drafter_dtype(target: Target) -> torch.dtype:
+    """The drafter's dtype unless one is asked for: bfloat16 for a float32 target on a CPU with AMX, else the
+    target's. The drafter only proposes tokens, so its precision never changes an output (the target verifies
+    in its own dtype); on AMX its matmuls run 2-9x faster in bfloat16 (see results/speed)."""
+    if target.device.type == "cpu" and target.dtype == torch.float32 and _cpu_has_amx():
+        return torch.bfloat16
+    return target.dtype
+
+
 def resolve_drafter(spec: str | None, target: Target, dtype: torch.dtype | None = None) -> Drafter | None:
     """`spec`: a checkpoint directory; "untrained" for a fresh (DFlash-equivalent) drafter; "none" for no
-    drafter; None for the drafter shipped with the target, or an untrained one if there is none."""
+    drafter; None for the drafter shipped with the target, or an untrained one if there is none.
+    `dtype`: the drafter's dtype (default: `default_drafter_dtype`)."""
     if spec == "none":
         return None
+    dtype = dtype or default_drafter_dtype(target)
     if spec == "untrained":
-        return new_drafter(target)
+        return new_drafter(target).to(dtype)
     if spec is None:
         shipped = SHIPPED_DRAFTERS.get(target.name)
         if shipped is not None and (shipped / "config.json").exists():
@@ -53,7 +71,7 @@ def resolve_drafter(spec: str | None, target: Target, dtype: torch.dtype | None 
             "but few drafts are accepted); pass --drafter PATH for a trained drafter",
             stacklevel=2,
         )
-        return new_drafter(target)
+        return new_drafter(target).to(dtype)
     return load_drafter(spec, target, dtype)
 
 
@@ -62,11 +80,14 @@ def load(
     drafter: str | None = None,
     device: str | None = None,
     dtype: str | torch.dtype = "float32",
+    drafter_dtype: str | torch.dtype | None = None,
 ) -> "TextDecoder":
-    """Load a target (None = the embedded SmolLM2-135M-Instruct) and a drafter (see `resolve_drafter`)."""
+    """Load a target (None = the embedded SmolLM2-135M-Instruct) and a drafter (see `resolve_drafter`).
+    `drafter_dtype`: None picks `default_drafter_dtype`."""
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    drafter_dtype = parse_dtype(drafter_dtype) if isinstance(drafter_dtype, str) else drafter_dtype
     t = load_target(target, dtype=dtype, device=device or default_device())
-    return TextDecoder(t, resolve_drafter(drafter, t))
+    return TextDecoder(t, resolve_drafter(drafter, t, drafter_dtype))
 
 
 class TextDecoder(Decoder):

@@ -565,7 +565,8 @@ def write_report(path: Path, meta: dict, runs: Sequence[Run], summaries: Sequenc
         f"{meta['prompts']} prompts ({', '.join(f'{n} {d}' for d, n in meta['prompts_per_dataset'].items())}), "
         f"up to {config['max_new_tokens']} new tokens each, temperature {config['temperature']}"
         + (f" (seed {config['seed']})" if config["temperature"] > 0 else " (greedy)")
-        + f", {meta['dtype']}. Drafter: {meta['drafter']}. Every variant ran on every prompt, interleaved; "
+        + f", {meta['dtype']}. Drafter: {meta['drafter']}"
+        + (f" ({meta['drafter_dtype']})" if meta.get("drafter_dtype") else "") + ". Every variant ran on every prompt, interleaved; "
         f"{config['warmup']} untimed warm-up generation(s) of each first. Started {meta['started']}, took "
         f"{meta['elapsed_seconds'] / 60:.1f} min.",
         "",
@@ -760,9 +761,9 @@ def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
 def equivalent_command(args: argparse.Namespace, config: BenchConfig, out: Path) -> str:
     """The command line that reruns this benchmark exactly, every setting spelled out."""
     argv = ["treeflash", "bench"]
-    for flag in ("target", "drafter", "device", "dtype", "threads"):
+    for flag in ("target", "drafter", "drafter_dtype", "device", "dtype", "threads"):
         if getattr(args, flag, None) is not None:
-            argv += [f"--{flag}", str(getattr(args, flag))]
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     argv += ["--methods", ",".join(config.methods), "--budgets", ",".join(map(str, config.budgets)),
              "--datasets", ",".join(config.datasets), "--prompts", str(config.prompts),
              "--max-new-tokens", str(config.max_new_tokens), "--temperature", str(config.temperature),
@@ -815,7 +816,8 @@ def _bench(args: argparse.Namespace, config: BenchConfig, sources: dict) -> int:
     dtype = parse_dtype(args.dtype)
     target = load_target(args.target, dtype=dtype, device=args.device or default_device())
     needs_drafter = any(m != "ar" for m in config.methods)
-    drafter = resolve_drafter(args.drafter, target) if needs_drafter else None
+    drafter_dtype = parse_dtype(args.drafter_dtype) if getattr(args, "drafter_dtype", None) else None
+    drafter = resolve_drafter(args.drafter, target, drafter_dtype) if needs_drafter else None
     if args.drafter is None and needs_drafter:
         shipped = SHIPPED_DRAFTERS.get(target.name)
         drafter_name = str(shipped) if shipped and (shipped / "config.json").exists() else "untrained (none shipped)"
@@ -836,7 +838,9 @@ def _bench(args: argparse.Namespace, config: BenchConfig, sources: dict) -> int:
     runs = run_bench(decoder, prompts, config)
     summaries = summarize(runs)
     meta = {
-        "target": target.name, "drafter": drafter_name, "dtype": args.dtype, "device": str(target.device),
+        "target": target.name, "drafter": drafter_name, "dtype": args.dtype,
+        "drafter_dtype": str(next(drafter.parameters()).dtype).removeprefix("torch.") if drafter is not None else None,
+        "device": str(target.device),
         "config": _round(dataclasses.asdict(config)), "machine": machine,
         "prompts": sum(len(v) for v in prompts.values()),
         "prompts_per_dataset": {k: len(v) for k, v in prompts.items()},

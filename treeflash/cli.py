@@ -18,6 +18,9 @@ def _add_model_flags(p: argparse.ArgumentParser, drafter: bool = True) -> None:
         p.add_argument("--drafter", default=None,
                        help="drafter checkpoint directory (DFlash, TreeFlash or ours); 'untrained' for a fresh one "
                             "(default: the drafter shipped for the target)")
+        p.add_argument("--drafter-dtype", default=None,
+                       help="the drafter's dtype; its precision never changes an output (default: bfloat16 for a "
+                            "float32 target on a CPU with AMX, else the target's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default: float32)")
 
@@ -59,7 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = decode_config_from_args(args)  # validate flags before loading anything
     drafter = "none" if config.method == "ar" and args.drafter is None else args.drafter
-    decoder = load(args.target, drafter, device=args.device, dtype=args.dtype)
+    decoder = load(args.target, drafter, device=args.device, dtype=args.dtype, drafter_dtype=args.drafter_dtype)
     if args.json:
         result = decoder.generate_text(args.prompt, config, chat=not args.no_chat)
         print(json.dumps(result.to_dict()))

@@ -242,6 +242,7 @@ class Drafter(nn.Module):
         self.hidden_norm = Qwen3RMSNorm(H, eps=config.rms_norm_eps)
         self.norm = Qwen3RMSNorm(H, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen3RotaryEmbedding(qwen3)
+        self._inv_freq = self.rotary_emb.inv_freq.detach().float().clone()  # kept out of .to(dtype)
         self.ar_approximation = (
             ARHead(H, config.ar_intermediate_size) if config.ar_head else None
         )
@@ -274,9 +275,13 @@ class Drafter(nn.Module):
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, p.dtype, p.device)
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        probe = torch.empty(1, dtype=next(self.parameters()).dtype, device=positions.device)
-        cos, sin = self.rotary_emb(probe, positions[None])
-        return cos[0], sin[0]
+        """cos, sin [n, head_dim] in the drafter's dtype, always computed in float32: a bfloat16 drafter would
+        otherwise round its inverse frequencies and misplace every position beyond a few hundred."""
+        inv_freq = self._inv_freq.to(positions.device)
+        angles = positions[:, None].float() * inv_freq[None, :]
+        emb = torch.cat((angles, angles), dim=-1)
+        scaling, dtype = self.rotary_emb.attention_scaling, self.fc.weight.dtype
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
     def fuse(self, target_features: Tensor) -> Tensor:
         """Target layer outputs [n, k*H] -> context features [n, H]."""
@@ -341,19 +346,22 @@ class Drafter(nn.Module):
 
     def logits(self, target: Target, hidden: Tensor) -> Tensor:
         """Drafter hidden states [n, H] (pre-norm) -> logits [n, Vd] (at least float32) via the target's LM head
-        (its draft-vocabulary rows; Vd = V without one). Column j is target token `token_ids(j)`."""
-        x = self.norm(hidden).to(target.dtype)
-        if self.draft_vocab is None:
-            return upcast(target.lm_head(x))
-        return upcast(F.linear(x, self._draft_head(target)))
+        (its draft-vocabulary rows; Vd = V without one), in the drafter's dtype. Column j is target token
+        `token_ids(j)`."""
+        x = self.norm(hidden)
+        return upcast(F.linear(x, self._head_weight(target, x.dtype)))
 
-    def _draft_head(self, target: Target) -> Tensor:
-        """The target LM head's rows for the draft vocabulary [Vd, H], gathered once per target and dtype."""
+    def _head_weight(self, target: Target, dtype: torch.dtype) -> Tensor:
+        """The target LM head's rows for the draft vocabulary (all rows without one) [Vd, H] in `dtype`,
+        gathered or cast once per target and dtype (a bfloat16 drafter on a float32 target drafts at bf16 speed)."""
         weight = target.lm_head.weight
-        key = (id(weight), weight.dtype, weight.device, self.draft_vocab.data_ptr())
+        if self.draft_vocab is None and weight.dtype == dtype:
+            return weight.detach()
+        key = (id(weight), weight.dtype, dtype, weight.device, None if self.draft_vocab is None else self.draft_vocab.data_ptr())
         if self._head_cache is None or self._head_cache[0] != key:
-            assert target.lm_head.bias is None, "LM heads with a bias are not supported with a draft vocabulary"
-            self._head_cache = (key, weight.detach()[self.draft_vocab.to(weight.device)])
+            assert target.lm_head.bias is None, "LM heads with a bias are not supported here"
+            rows = weight.detach() if self.draft_vocab is None else weight.detach()[self.draft_vocab.to(weight.device)]
+            self._head_cache = (key, rows.to(dtype))
         return self._head_cache[1]
 
     def token_ids(self, indices: Tensor) -> Tensor:

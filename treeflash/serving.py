@@ -953,7 +953,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              "`pip install 'treeflash[serve]'`") from None
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)}
     config = ServeConfig(**fields)  # validate flags before loading anything
-    decoder = load(args.target, args.drafter, device=args.device, dtype=args.dtype)
+    decoder = load(args.target, args.drafter, device=args.device, dtype=args.dtype,
+                   drafter_dtype=getattr(args, "drafter_dtype", None))
     server = Server(decoder, config)
     logging.basicConfig(level=logging.INFO, format="[treeflash] %(message)s")
     print(f"[treeflash] serving {server.model_name} (method {config.method}, max_active {config.max_active}) at "
