@@ -1,0 +1,69 @@
+"""Plot training runs from their log.jsonl: loss, validation chain tau, and per-position top-1 agreement.
+
+    python scripts/plot_training.py OUT.png RUN_DIR [RUN_DIR ...]
+
+Each RUN_DIR is a `treeflash train drafter|head --out` directory. Needs matplotlib (the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(run: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "marginal_chain_tau" in r]
+    return steps, evals
+
+
+def smooth(values: list[float], window: int = 25) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def main(out: str, runs: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for run in map(Path, runs):
+        steps, evals = load(run)
+        stage = "head" if any("conditional" in k and r.get(k) != r.get(k.replace("conditional", "marginal"))
+                              for r in evals for k in r if k.startswith("conditional")) else "drafter"
+        label = f"{run.name} ({stage})"
+        axes[0].plot([r["step"] for r in steps], smooth([r["loss"] for r in steps]), label=label)
+        key = "conditional_chain_tau" if stage == "head" else "marginal_chain_tau"
+        axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=label)
+        if evals:
+            last = evals[-1]
+            depth = range(1, len(last["marginal_top1"]) + 1)
+            axes[2].plot(depth, last["marginal_top1"], marker=".", label=f"{run.name}: marginal")
+            if stage == "head":
+                axes[2].plot(depth, last["conditional_top1"], marker=".", label=f"{run.name}: conditional")
+    axes[0].set(title="training loss (moving average of 25 steps)", xlabel="step", ylabel="loss")
+    axes[1].set(title="validation: expected tau of a chain", xlabel="step", ylabel="tau")
+    axes[2].set(title="validation: top-1 agreement with the target, last eval", xlabel="block position",
+                ylabel="top-1 agreement")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2:])
