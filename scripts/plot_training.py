@@ -1,8 +1,9 @@
 """Plot training runs from their log.jsonl: loss, validation chain tau, and per-position top-1 agreement.
 
-    python scripts/plot_training.py OUT.png RUN_DIR [RUN_DIR ...]
+    python scripts/plot_training.py OUT.png RUN [RUN ...]
 
-Each RUN_DIR is a `treeflash train drafter|head --out` directory. Needs matplotlib (the `bench` extra).
+Each RUN is a `treeflash train drafter|head --out` directory or its log.jsonl file (e.g.
+training/runs/smollm2/*.log.jsonl). Needs matplotlib (the `bench` extra).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 
 def load(run: Path) -> tuple[list[dict], list[dict]]:
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    log = run if run.is_file() else run / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "marginal_chain_tau" in r]
     return steps, evals
@@ -40,16 +42,17 @@ def main(out: str, runs: list[str]) -> None:
         steps, evals = load(run)
         stage = "head" if any("conditional" in k and r.get(k) != r.get(k.replace("conditional", "marginal"))
                               for r in evals for k in r if k.startswith("conditional")) else "drafter"
-        label = f"{run.name} ({stage})"
+        name = run.name.removesuffix(".jsonl").removesuffix(".log")
+        label = f"{name} ({stage})"
         axes[0].plot([r["step"] for r in steps], smooth([r["loss"] for r in steps]), label=label)
         key = "conditional_chain_tau" if stage == "head" else "marginal_chain_tau"
         axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=label)
         if evals:
             last = evals[-1]
             depth = range(1, len(last["marginal_top1"]) + 1)
-            axes[2].plot(depth, last["marginal_top1"], marker=".", label=f"{run.name}: marginal")
+            axes[2].plot(depth, last["marginal_top1"], marker=".", label=f"{name}: marginal")
             if stage == "head":
-                axes[2].plot(depth, last["conditional_top1"], marker=".", label=f"{run.name}: conditional")
+                axes[2].plot(depth, last["conditional_top1"], marker=".", label=f"{name}: conditional")
     axes[0].set(title="training loss (moving average of 25 steps)", xlabel="step", ylabel="loss")
     axes[1].set(title="validation: expected tau of a chain", xlabel="step", ylabel="tau")
     axes[2].set(title="validation: top-1 agreement with the target, last eval", xlabel="block position",

@@ -52,3 +52,24 @@ def test_sampling_with_the_real_model_matches_ar_for_a_seed(target):
     config = dict(max_new_tokens=32, temperature=0.7, top_k=50, seed=11, stop_at_eos=False)
     reference = decoder.generate(ids, DecodeConfig(method="ar", **config)).token_ids
     assert decoder.generate(ids, DecodeConfig(method="treeflash", **config)).token_ids == reference
+
+
+def test_the_shipped_drafter_is_lossless_and_accepts_drafts(target):
+    """The trained drafter committed in the repository loads by default (in bfloat16 on AMX CPUs), every
+    method with it equals ar greedy, and it gets drafts accepted: tau well above an untrained drafter's."""
+    from treeflash.api import SHIPPED_DRAFTERS, resolve_drafter
+
+    assert (SHIPPED_DRAFTERS[target.name] / "model.safetensors").exists()
+    drafter = resolve_drafter(None, target)
+    assert drafter.ar_approximation is not None and drafter.draft_vocab is not None
+    decoder = Decoder(target, drafter)
+    ids = target.encode_prompt(PROMPTS[1], chat=False)
+    reference = decoder.generate(ids, DecodeConfig(method="ar", max_new_tokens=64, stop_at_eos=False)).token_ids
+    taus = {}
+    for method in METHODS[1:]:
+        result = decoder.generate(ids, DecodeConfig(method=method, budget=32, max_new_tokens=64, stop_at_eos=False))
+        assert result.token_ids == reference, method
+        taus[method] = result.tau
+    untrained = Decoder(target, new_drafter(target)).generate(
+        ids, DecodeConfig(method="treeflash", budget=32, max_new_tokens=64, stop_at_eos=False))
+    assert taus["treeflash"] > untrained.tau + 0.2, (taus, untrained.tau)
