@@ -701,7 +701,9 @@ def _analysis_lines(analysis: dict) -> list[str]:
     if accepted:
         lines += ["", f"Mean accepted length at the same anchors if the target's greedy continuation is verified "
                       f"(trees of {analysis['draw_budget']} nodes; dflash: its chain): "
-                  + ", ".join(f"{m} {_fmt(v)}" for m, v in accepted.items()) + "."]
+                  + ", ".join(f"{m} {_fmt(v)}" for m, v in accepted.items()) + ". This is a mean over anchor "
+                  "positions, not over decoding rounds: a stretch that is drafted whole counts at every one of its "
+                  "positions here, but decoding crosses it in one round, so these means can exceed tau - 1."]
     return lines
 
 
