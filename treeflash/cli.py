@@ -187,13 +187,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             copied = initialize_from_target(drafter, target)
             print(f"initialised {len(copied)} drafter tensors from the target's last layers", file=sys.stderr)
-        if config.balance_features:
-            from .training import balanced_init
-
-            balanced_init(drafter, target, sequences, max_length=config.max_length)
     print(f"{len(sequences)} sequences from {args.data}; training the {stage} into {args.out}", file=sys.stderr)
     metrics = train(drafter, target, sequences, config, args.out, max_steps=args.max_steps,
-                    log=lambda m: print(m, file=sys.stderr))
+                    log=lambda m: print(m, file=sys.stderr), fresh_fc=not args.init)
     if args.export and metrics["step"] >= metrics["total_steps"]:
         save_drafter(drafter, args.export, dtype=parse_dtype(args.export_dtype),
                      extra={"training": {"command": " ".join(sys.argv), "metrics": metrics}})

@@ -185,22 +185,19 @@ def feature_scale(drafter: Drafter, target: Target, sequences: list[Sequence], c
     return torch.exp2(torch.round(-torch.log2(rms))).float()
 
 
-@torch.no_grad()
-def balanced_init(drafter: Drafter, target: Target, sequences: list[Sequence], max_length: int = 1024) -> None:
-    """Make a new drafter's `fc` see balanced inputs: its weights times `feature_scale`, so that once training
-    puts `fc` behind that scale its trained parameters are the plain initialisation again."""
-    drafter.fc.weight.mul_(feature_scale(drafter, target, sequences, max_length=max_length).to(drafter.fc.weight)[None, :])
+def scale_features(drafter: Drafter, scale: Tensor | None, keep_weights: bool = False) -> None:
+    """Put `fc` behind `scale` (or take it back out with None) without changing what the drafter computes.
 
-
-def scale_features(drafter: Drafter, scale: Tensor | None) -> None:
-    """Put `fc` behind `scale` (or take it back out with None) without changing what the drafter computes."""
+    keep_weights: a freshly initialised `fc` keeps its weights as the trained parameters instead (the
+    function changes: `fc` now sees balanced inputs)."""
     with torch.no_grad():
         if drafter.feature_scale is not None:
             drafter.fc.weight.mul_(drafter.feature_scale.to(drafter.fc.weight)[None, :])
         drafter.feature_scale = None
         if scale is not None:
             scale = scale.to(drafter.fc.weight.device)
-            drafter.fc.weight.div_(scale.to(drafter.fc.weight)[None, :])
+            if not keep_weights:
+                drafter.fc.weight.div_(scale.to(drafter.fc.weight)[None, :])
             drafter.feature_scale = scale
 
 
@@ -370,8 +367,12 @@ def train(
     max_steps: int | None = None,
     progress: bool = True,
     log=print,
+    fresh_fc: bool = False,
 ) -> dict:
     """Train `drafter` in place, checkpointing to `out` (resumes from it when a checkpoint is there).
+
+    `fresh_fc`: the drafter is new, so its `fc` weights start as they are behind the feature scale (see
+    feature_scale) instead of the scale being undone in them.
 
     `max_steps` stops early (for sittings; the schedule still spans the whole run). Returns the last metrics.
     """
@@ -395,7 +396,7 @@ def train(
     scale = None
     if config.balance_features and (config.stage == "drafter" or config.finetune_backbone):
         scale = feature_scale(drafter, target, sequences, max_length=config.max_length)
-        scale_features(drafter, scale)
+        scale_features(drafter, scale, keep_weights=fresh_fc)
     params = trainable_parameters(drafter, config)
     for p in drafter.parameters():
         p.requires_grad_(False)
