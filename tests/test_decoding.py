@@ -12,9 +12,11 @@ from helpers import OracleDrafter, greedy_reference, tiny_drafter, tiny_target
 PROMPT = [5, 17, 33, 2, 71, 8, 40]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "qwen2-float32"])
 def pair(request):
-    target = tiny_target(request.param)
+    """float64 targets, and a float32 one whose projections run packed on CPUs with MKL (treeflash.packing)."""
+    family, _, dtype = request.param.partition("-")
+    target = tiny_target(family, dtype=getattr(torch, dtype or "float64"))
     return target, tiny_drafter(target)
 
 

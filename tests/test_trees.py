@@ -253,3 +253,34 @@ def test_top_k_logprobs_rejects_bad_k():
     for bad in (0, 51, 2.0):
         with pytest.raises(TreeFlashError, match="top-k"):
             top_k_logprobs(torch.zeros(2, 50), bad)
+
+
+@pytest.mark.parametrize("budget", [1, 3, 6, 30])
+@pytest.mark.parametrize("method", ["ddtree", "treeflash"])
+def test_build_tree_skips_unreachable_depths_without_changing_the_tree(method, budget):
+    """build_tree cuts the block to `budget` positions (a B-node tree is at most B deep); the tree must be the
+    one built from the whole block."""
+    from helpers import tiny_drafter, tiny_target
+
+    from treeflash.decoding import build_tree
+    from treeflash.trees import conditional_tree, marginal_tree, top_k_logprobs
+
+    target = tiny_target("llama")
+    drafter = tiny_drafter(target)
+    features = torch.randn(6, 3 * target.hidden_size, generator=torch.Generator().manual_seed(budget),
+                           dtype=torch.float64)
+    block = drafter.draft(target, 7, features, drafter.new_cache(32))
+    got = build_tree(drafter, target, method, 7, block, budget, draft_top_k=4, candidate_tokens=3)
+    depth = block.logits.shape[0]
+    if method == "ddtree":
+        tokens, logprobs = top_k_logprobs(block.logits, min(budget, target.vocab_size))
+        want = marginal_tree(7, tokens, logprobs, budget)
+    else:
+        parents = block.logits[: depth - 1].topk(3, dim=-1).indices
+        hidden = torch.cat((block.hidden[:1], block.hidden[1:].repeat_interleave(3, dim=0)))
+        rows = drafter.conditional_logits(target, hidden, torch.cat((torch.tensor([7]), parents.flatten())))
+        tokens, logprobs = top_k_logprobs(rows, 4)
+        want = conditional_tree(7, parents, tokens, logprobs, budget)
+    for field in ("tokens", "parents", "depths"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    torch.testing.assert_close(got.scores, want.scores)

@@ -83,11 +83,16 @@ def load(
     drafter_dtype: str | torch.dtype | None = None,
 ) -> "TextDecoder":
     """Load a target (None = the embedded SmolLM2-135M-Instruct) and a drafter (see `resolve_drafter`).
-    `drafter_dtype`: None picks `default_drafter_dtype`."""
+    `drafter_dtype`: None picks `default_drafter_dtype`. If `treeflash tune` was run for this machine, target
+    and drafter, its budget and candidate count become the defaults (see `treeflash.tuning`)."""
+    from .tuning import load_tuning
+
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     drafter_dtype = parse_dtype(drafter_dtype) if isinstance(drafter_dtype, str) else drafter_dtype
     t = load_target(target, dtype=dtype, device=device or default_device())
-    return TextDecoder(t, resolve_drafter(drafter, t, drafter_dtype))
+    decoder = TextDecoder(t, resolve_drafter(drafter, t, drafter_dtype))
+    decoder.tuning = load_tuning(decoder)
+    return decoder
 
 
 class TextDecoder(Decoder):

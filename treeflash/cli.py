@@ -95,6 +95,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import load
+    from .tuning import CALIBRATION_PROMPTS, report, save_tuning, tune
+
+    budgets = _int_list(args.budgets, "--budgets")
+    candidates = _int_list(args.candidate_tokens, "--candidate-tokens")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    decoder = load(args.target, args.drafter, device=args.device, dtype=args.dtype, drafter_dtype=args.drafter_dtype)
+    prompts = [decoder.target.encode_prompt(p) for p in CALIBRATION_PROMPTS[: args.prompts]]
+    print(f"tuning on {len(prompts)} prompts x {args.max_new_tokens} tokens, greedy, {torch.get_num_threads()} "
+          f"torch threads (each setting is timed on the same tokens)", file=sys.stderr)
+    tuning = tune(decoder, prompts, budgets=budgets, candidates=candidates, max_new_tokens=args.max_new_tokens,
+                  progress=lambda line: print("  " + line, file=sys.stderr, flush=True))
+    tuning.command = "treeflash " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["tune"] else sys.argv[1:])
+    print(report(tuning))
+    best = tuning.best
+    chosen = ", ".join(f"{m} budget {v['budget']}" + (f" m {v['candidate_tokens']}" if "candidate_tokens" in v else "")
+                       for m, v in best.items() if m in ("ddtree", "treeflash"))
+    print(f"\nchosen: {chosen}; fastest method here: {tuning.fastest_method} "
+          f"({best[tuning.fastest_method]['tokens_per_second']:.1f} tokens/s)")
+    if not args.dry_run:
+        path = save_tuning(tuning)
+        print(f"saved to {path}: generate, serve and the Python API now use these when no budget or m is given")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise TreeFlashError(f"{flag} takes comma-separated whole numbers, like 4,8,16; got {text!r}") from None
+    if not values:
+        raise TreeFlashError(f"{flag} needs at least one value")
+    return values
+
+
 def cmd_new_drafter(args: argparse.Namespace) -> int:
     from .api import parse_dtype
     from .drafters import new_drafter, save_drafter
@@ -286,6 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs the `serve` extra)")
     _add_model_flags(s)
     add_serve_flags(s)
+
+    from .tuning import DEFAULT_BUDGETS, DEFAULT_CANDIDATES, DEFAULT_TUNE_TOKENS
+
+    t = sub.add_parser("tune", help="time budgets and candidate counts on this machine; keep the fastest as defaults")
+    _add_model_flags(t)
+    t.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
+                   help="comma-separated budgets to time for ddtree and treeflash (default: %(default)s)")
+    t.add_argument("--candidate-tokens", default=",".join(map(str, DEFAULT_CANDIDATES)),
+                   help="comma-separated TreeFlash candidate counts m to time at the best budget (default: %(default)s)")
+    t.add_argument("--prompts", type=int, default=3, help="built-in calibration prompts to use, 1-3 (default: 3)")
+    t.add_argument("--max-new-tokens", type=int, default=DEFAULT_TUNE_TOKENS, help="per prompt (default: %(default)s)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); "
+                   "a tuning holds for this thread count only")
+    t.add_argument("--dry-run", action="store_true", help="measure and print, but save nothing")
+    t.set_defaults(func=cmd_tune)
 
     from .bench import add_bench_flags
 

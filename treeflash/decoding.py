@@ -38,7 +38,10 @@ from .trees import (
 from .verification import SamplingConfig, choose_tokens, follow
 
 METHODS = ("ar", "dflash", "ddtree", "treeflash")
+# Draft nodes per round when neither the caller nor a tuning (`treeflash tune`) says: a GPU verifies a
+# 65-node tree for about the price of one token, a CPU pays for each node (measured in results/speed/).
 DEFAULT_BUDGET = 64
+DEFAULT_CPU_BUDGET = 16
 STAGES = ("prefill", "draft", "head", "tree", "verify", "commit")
 
 
@@ -47,14 +50,14 @@ class DecodeConfig:
     """How to decode. CLI flags map one-to-one onto these fields."""
 
     method: str = "treeflash"  # one of METHODS
-    budget: int | None = None  # draft nodes per round, root excluded; None = 64 for trees, b-1 for dflash
+    budget: int | None = None  # draft nodes per round, root excluded; None = tuned, else see resolve_budget
     max_new_tokens: int = 256  # stop after this many new tokens
     temperature: float = 0.0  # 0 = greedy; > 0 samples (losslessly) from the target
     top_p: float = 1.0  # nucleus filtering of the target's distribution at temperature > 0
     top_k: int = 0  # top-k filtering of the target's distribution at temperature > 0 (0 = off)
     seed: int | None = None  # seeds sampling; None = drawn at random and reported in the result
     draft_top_k: int = 16  # TreeFlash: children kept per conditional row
-    candidate_tokens: int | None = None  # TreeFlash: candidate parents per position (m); None = drafter's
+    candidate_tokens: int | None = None  # TreeFlash: candidate parents per position (m); None = tuned, else drafter's
     stop_at_eos: bool = True  # stop at the target's end-of-sequence tokens
 
     def __post_init__(self):
@@ -131,14 +134,20 @@ def tau(acceptance_lengths: Sequence[int]) -> float:
     return 1.0 + sum(acceptance_lengths) / len(acceptance_lengths) if acceptance_lengths else math.nan
 
 
-def resolve_budget(method: str, budget: int | None, drafter: Drafter | None) -> int:
-    """Draft nodes per round: 0 for ar; the given budget; else b-1 for dflash (its whole chain) and
-    DEFAULT_BUDGET for the trees."""
+def resolve_budget(method: str, budget: int | None, drafter: Drafter | None, tuning=None,
+                   device: torch.device | str = "cpu") -> int:
+    """Draft nodes per round: 0 for ar; the given budget; else b-1 for dflash (its whole chain); else for the
+    trees the tuned budget (`tuning`, a `treeflash.tuning.Tuning`), else DEFAULT_CPU_BUDGET on a CPU and
+    DEFAULT_BUDGET elsewhere."""
     if method == "ar":
         return 0
     if budget is not None:
         return budget
-    return drafter.block_size - 1 if method == "dflash" else DEFAULT_BUDGET
+    if method == "dflash":
+        return drafter.block_size - 1
+    if tuning is not None and tuning.budget(method) is not None:
+        return tuning.budget(method)
+    return DEFAULT_CPU_BUDGET if torch.device(device).type == "cpu" else DEFAULT_BUDGET
 
 
 def root_only_tree(root: int) -> DraftTree:
@@ -166,13 +175,18 @@ class _Clock:
 
 
 class Decoder:
-    """A target and (optionally) a drafter, ready to generate with any method."""
+    """A target and (optionally) a drafter, ready to generate with any method.
 
-    def __init__(self, target: Target, drafter: Drafter | None = None):
+    tuning: a `treeflash.tuning.Tuning` for this setup (see `treeflash tune`): its budget and candidate count
+    are used when a DecodeConfig leaves them unset.
+    """
+
+    def __init__(self, target: Target, drafter: Drafter | None = None, tuning=None):
         if drafter is not None:
             check_compatible(drafter, target)
         self.target = target
         self.drafter = drafter
+        self.tuning = tuning
 
     # -- the stages ---------------------------------------------------------------------------------
 
@@ -181,8 +195,11 @@ class Decoder:
             return root_only_tree(root)
         block = self.drafter.draft(self.target, root, features, dcache)
         clock.lap("draft")
-        return build_tree(self.drafter, self.target, method, root, block, budget, config.draft_top_k,
-                          config.candidate_tokens, lap=clock.lap)
+        m = config.candidate_tokens
+        if m is None and self.tuning is not None:
+            m = self.tuning.candidate_tokens(method)
+        return build_tree(self.drafter, self.target, method, root, block, budget, config.draft_top_k, m,
+                          lap=clock.lap)
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -213,7 +230,7 @@ class Decoder:
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise TreeFlashError(f"the prompt has token ids outside the target's vocabulary [0, {vocab})")
 
-        budget = resolve_budget(method, config.budget, drafter)
+        budget = resolve_budget(method, config.budget, drafter, self.tuning, target.device)
         sampling = config.sampling
         if not sampling.greedy and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
@@ -312,7 +329,10 @@ def build_tree(drafter: Drafter, target: Target, method: str, root: int, block: 
 
     TreeFlash's second stage (the head's conditionals) runs here; `lap("head")` marks its end for timing.
     """
-    depth, vocab = block.logits.shape
+    # A tree of `budget` nodes is at most `budget` deep, so deeper positions can be left out: the tree is the
+    # same, and TreeFlash's head evaluates 1 + (depth-1)*m rows instead of 1 + (b-2)*m.
+    depth, vocab = min(block.logits.shape[0], budget), block.logits.shape[1]
+    block = BlockDraft(hidden=block.hidden[:depth], logits=block.logits[:depth])
     if method == "dflash":
         tokens, logprobs = top_k_logprobs(block.logits, 1)  # [D, 1]: the argmax of each marginal
         return chain_tree(root, drafter.token_ids(tokens[:, 0]).cpu(), logprobs[:, 0].cpu(), budget)

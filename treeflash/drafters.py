@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .cache import KVCache
 from .errors import TreeFlashError
+from .packing import FusedLinear, fused_map, linear_map
 from .targets import Target, apply_rotary, upcast
 
 CONFIG_FILE = "config.json"
@@ -213,11 +214,27 @@ class ARHead(nn.Module):
         self.d = nn.Linear(intermediate_size, hidden_size, bias=False)
         nn.init.zeros_(self.d.weight)
 
-    def forward(self, parent_embeds: Tensor, hidden_normed: Tensor) -> Tensor:
-        """parent_embeds [R, H] (target embedding of c), hidden_normed [R, H] -> delta [R, H]."""
+    def forward(self, parent_embeds: Tensor, hidden_normed: Tensor, maps: DrafterMaps | None = None) -> Tensor:
+        """parent_embeds [R, H] (target embedding of c), hidden_normed [R, H] -> delta [R, H]. `maps`: the
+        drafter's (packed) projections, else this module's own."""
         x = torch.cat((self.norm(parent_embeds), hidden_normed), dim=-1)
-        u, g = self.ug(x).chunk(2, dim=-1)
-        return self.d(F.silu(g) * u)
+        u, g = (maps.ug(x) if maps is not None else self.ug(x)).chunk(2, dim=-1)
+        return maps.d(F.silu(g) * u) if maps is not None else self.d(F.silu(g) * u)
+
+
+@dataclasses.dataclass
+class DrafterMaps:
+    """The drafter's projections as one forward pass uses them: packed snapshots for inference, or the live
+    modules' weights while training (see `treeflash.packing`)."""
+
+    fc: FusedLinear  # target features [c, k*H] -> [c, H]
+    q: list[FusedLinear]  # per layer: block [n, H] -> queries [n, heads*d]
+    kv: list[FusedLinear]  # per layer: [context ; block] [c+n, H] -> keys, values [c+n, kv_heads*d] each
+    o: list[FusedLinear]  # per layer: [n, heads*d] -> [n, H]
+    gate_up: list[FusedLinear]  # per layer: [n, H] -> gate, up [n, I] each
+    down: list[FusedLinear]  # per layer: [n, I] -> [n, H]
+    ug: FusedLinear | None  # TreeFlash head: [R, 2H] -> u, g [R, I_ar] each
+    d: FusedLinear | None  # TreeFlash head: [R, I_ar] -> delta [R, H]
 
 
 @dataclasses.dataclass
@@ -252,7 +269,8 @@ class Drafter(nn.Module):
             self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         else:
             self.draft_vocab = None
-        self._head_cache: tuple | None = None  # (key, target LM-head rows of the draft vocabulary)
+        self._head_cache: tuple | None = None  # (key, target LM-head rows of the draft vocabulary, their packed map)
+        self._packed: tuple | None = None  # (key of the weights, DrafterMaps packed for inference)
         # Training only (see training.feature_scale): per-input powers of two that `fc` is trained behind, so
         # that the target's massive activations don't dominate; folded into `fc.weight` whenever it is saved.
         self.register_buffer("feature_scale", None, persistent=False)
@@ -283,11 +301,34 @@ class Drafter(nn.Module):
         scaling, dtype = self.rotary_emb.attention_scaling, self.fc.weight.dtype
         return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
+    def maps(self) -> DrafterMaps:
+        """The projections to run with: packed once (and again whenever a weight changes) when gradients are
+        off, the modules' own weights otherwise."""
+        pack = not torch.is_grad_enabled()
+        if pack:
+            key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+            if self._packed is not None and self._packed[0] == key:
+                return self._packed[1]
+        head = self.ar_approximation
+        maps = DrafterMaps(
+            fc=linear_map(self.fc, pack),
+            q=[linear_map(layer.self_attn.q_proj, pack) for layer in self.layers],
+            kv=[fused_map([layer.self_attn.k_proj, layer.self_attn.v_proj], pack) for layer in self.layers],
+            o=[linear_map(layer.self_attn.o_proj, pack) for layer in self.layers],
+            gate_up=[fused_map([layer.mlp.gate_proj, layer.mlp.up_proj], pack) for layer in self.layers],
+            down=[linear_map(layer.mlp.down_proj, pack) for layer in self.layers],
+            ug=None if head is None else linear_map(head.ug, pack),
+            d=None if head is None else linear_map(head.d, pack),
+        )
+        if pack:
+            self._packed = (key, maps)
+        return maps
+
     def fuse(self, target_features: Tensor) -> Tensor:
         """Target layer outputs [n, k*H] -> context features [n, H]."""
         if self.feature_scale is not None:
             target_features = target_features * self.feature_scale.to(target_features.dtype)
-        return self.hidden_norm(self.fc(target_features))
+        return self.hidden_norm(self.maps().fc(target_features))
 
     def forward_block(
         self,
@@ -307,14 +348,16 @@ class Drafter(nn.Module):
         """
         n, c = block_embeds.shape[0], context.shape[0]
         cos, sin = self.rotary(torch.cat((context_positions, block_positions)))
+        maps = self.maps()
         h = block_embeds
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
             kv_input = torch.cat((context, x), dim=0)  # [c + n, H]: context features are not re-normed
-            q = attn.q_norm(attn.q_proj(x).view(n, -1, attn.head_dim)).transpose(0, 1)
-            k = attn.k_norm(attn.k_proj(kv_input).view(c + n, -1, attn.head_dim)).transpose(0, 1)
-            v = attn.v_proj(kv_input).view(c + n, -1, attn.head_dim).transpose(0, 1)
+            k, v = maps.kv[index].split(kv_input)
+            q = attn.q_norm(maps.q[index](x).view(n, -1, attn.head_dim)).transpose(0, 1)
+            k = attn.k_norm(k.view(c + n, -1, attn.head_dim)).transpose(0, 1)
+            v = v.view(c + n, -1, attn.head_dim).transpose(0, 1)
             q = apply_rotary(q, cos[c:], sin[c:])
             k = apply_rotary(k, cos, sin)
             if cache is not None:
@@ -322,8 +365,9 @@ class Drafter(nn.Module):
             out = F.scaled_dot_product_attention(
                 q[None], k[None], v[None], attn_mask=context_mask, scale=attn.scaling, enable_gqa=True
             )[0]
-            h = h + attn.o_proj(out.transpose(0, 1).reshape(n, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + maps.o[index](out.transpose(0, 1).reshape(n, -1))
+            gate, up = maps.gate_up[index].split(layer.post_attention_layernorm(h))
+            h = h + maps.down[index](layer.mlp.act_fn(gate) * up)
         if cache is not None:
             cache.advance(c)
         return h
@@ -349,20 +393,26 @@ class Drafter(nn.Module):
         (its draft-vocabulary rows; Vd = V without one), in the drafter's dtype. Column j is target token
         `token_ids(j)`."""
         x = self.norm(hidden)
-        return upcast(F.linear(x, self._head_weight(target, x.dtype)))
+        rows, packed = self._head(target, x.dtype)
+        return upcast(F.linear(x, rows) if torch.is_grad_enabled() else packed(x))
 
-    def _head_weight(self, target: Target, dtype: torch.dtype) -> Tensor:
-        """The target LM head's rows for the draft vocabulary (all rows without one) [Vd, H] in `dtype`,
-        gathered or cast once per target and dtype (a bfloat16 drafter on a float32 target drafts at bf16 speed)."""
+    def _head(self, target: Target, dtype: torch.dtype) -> tuple[Tensor, FusedLinear]:
+        """The target LM head's rows for the draft vocabulary (all rows without one) [Vd, H] in `dtype`, and
+        the same packed for inference; gathered, cast and packed once per target and dtype (a bfloat16 drafter
+        on a float32 target drafts at bf16 speed)."""
         weight = target.lm_head.weight
-        if self.draft_vocab is None and weight.dtype == dtype:
-            return weight.detach()
-        key = (id(weight), weight.dtype, dtype, weight.device, None if self.draft_vocab is None else self.draft_vocab.data_ptr())
+        key = (id(weight), weight.data_ptr(), weight.dtype, dtype, weight.device,
+               None if self.draft_vocab is None else self.draft_vocab.data_ptr())
         if self._head_cache is None or self._head_cache[0] != key:
             assert target.lm_head.bias is None, "LM heads with a bias are not supported here"
             rows = weight.detach() if self.draft_vocab is None else weight.detach()[self.draft_vocab.to(weight.device)]
-            self._head_cache = (key, rows.to(dtype))
-        return self._head_cache[1]
+            rows = rows.to(dtype)
+            if rows.data_ptr() == weight.data_ptr() and target.lm_head_map.backend is not None:
+                packed = target.lm_head_map  # the full head in the target's dtype: packed once, by the target
+            else:
+                packed = FusedLinear([rows])
+            self._head_cache = (key, rows, packed)
+        return self._head_cache[1], self._head_cache[2]
 
     def token_ids(self, indices: Tensor) -> Tensor:
         """Columns of the drafter's logits -> target token ids (identity without a draft vocabulary)."""
@@ -382,7 +432,7 @@ class Drafter(nn.Module):
         if self.ar_approximation is None:
             raise TreeFlashError("this drafter has no TreeFlash head; use --method ddtree or a TreeFlash drafter")
         embeds = target.embed_tokens(parents).to(hidden.dtype)
-        delta = self.ar_approximation(embeds, self.norm(hidden))
+        delta = self.ar_approximation(embeds, self.norm(hidden), self.maps())
         return self.logits(target, hidden + delta)
 
 

