@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # The batch size MKL and oneDNN are told to lay a weight out for. It is only a hint: any number of rows works.
-PACK_ROWS_HINT = 16
+PACK_ROWS_HINT = 64
 
 
 def packing_backend(weight: Tensor) -> str | None:
