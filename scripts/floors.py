@@ -117,7 +117,8 @@ def main() -> None:
         r = decoder.generate(prompt, DecodeConfig(method=method, budget=budget, max_new_tokens=args.max_new_tokens,
                                                   stop_at_eos=False))
         nodes = 1 if method == "ar" else (drafter.block_size if method == "dflash" else args.budget + 1)
-        rows = 1 + (drafter.block_size - 2) * m if method == "treeflash" else 0
+        depth = min(drafter.block_size - 1, args.budget)  # build_tree skips depths the budget cannot reach
+        rows = 1 + (depth - 1) * m if method == "treeflash" else 0
         context = len(prompt) + args.max_new_tokens // 2
         floor = floors(target, drafter, nodes, context, rows, speeds)
         total_m = total_f = 0.0

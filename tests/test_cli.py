@@ -107,3 +107,29 @@ def test_new_drafter_writes_a_loadable_checkpoint(model_dir, tmp_path, capsys):
     result = _run_json(capsys, "w5", "--target", str(model_dir), "--drafter", str(out), "--method", "treeflash",
                        "--max-new-tokens", "6")
     assert result["method"] == "treeflash"
+
+
+def test_tune_saves_defaults_that_generate_then_uses(model_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TREEFLASH_CACHE", str(tmp_path))
+    common = ["--target", str(model_dir), "--drafter", "untrained"]
+    assert main(["tune", *common, "--budgets", "3,5", "--candidate-tokens", "2", "--prompts", "1",
+                 "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "| treeflash |" in out and "saved to" in out
+    saved = json.loads(next((tmp_path / "tuned").glob("*.json")).read_text())
+    tuned = saved["best"]["treeflash"]["budget"]
+    assert tuned in (3, 5) and saved["command"].startswith("treeflash tune --target")
+    result = _run_json(capsys, "w3 w9", *common, "--method", "treeflash", "--max-new-tokens", "4")
+    assert result["budget"] == tuned
+    assert _run_json(capsys, "w3 w9", *common, "--method", "treeflash", "--budget", "7",
+                     "--max-new-tokens", "4")["budget"] == 7
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budgets", "4,x"], "comma-separated whole numbers"),
+    (["--budgets", "0"], "budget must be"),
+    (["--prompts", "9"], "--prompts must be between"),
+])
+def test_bad_tune_flags_are_clear_errors(model_dir, capsys, flags, message):
+    assert main(["tune", "--target", str(model_dir), "--drafter", "untrained", "--dry-run", *flags]) == 2
+    assert message in capsys.readouterr().err

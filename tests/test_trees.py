@@ -256,10 +256,10 @@ def test_top_k_logprobs_rejects_bad_k():
 
 
 @pytest.mark.parametrize("budget", [1, 3, 6, 30])
-@pytest.mark.parametrize("method", ["ddtree", "treeflash"])
-def test_build_tree_skips_unreachable_depths_without_changing_the_tree(method, budget):
-    """build_tree cuts the block to `budget` positions (a B-node tree is at most B deep); the tree must be the
-    one built from the whole block."""
+@pytest.mark.parametrize("method, lazy", [("ddtree", None), ("treeflash", True), ("treeflash", False)])
+def test_build_tree_skips_unreachable_depths_without_changing_the_tree(method, lazy, budget):
+    """build_tree cuts the block to `budget` positions (a B-node tree is at most B deep) and, with lazy rows,
+    evaluates only the head rows it reaches; the tree must be the one built from the whole block."""
     from helpers import tiny_drafter, tiny_target
 
     from treeflash.decoding import build_tree
@@ -270,7 +270,7 @@ def test_build_tree_skips_unreachable_depths_without_changing_the_tree(method, b
     features = torch.randn(6, 3 * target.hidden_size, generator=torch.Generator().manual_seed(budget),
                            dtype=torch.float64)
     block = drafter.draft(target, 7, features, drafter.new_cache(32))
-    got = build_tree(drafter, target, method, 7, block, budget, draft_top_k=4, candidate_tokens=3)
+    got = build_tree(drafter, target, method, 7, block, budget, draft_top_k=4, candidate_tokens=3, lazy_rows=lazy)
     depth = block.logits.shape[0]
     if method == "ddtree":
         tokens, logprobs = top_k_logprobs(block.logits, min(budget, target.vocab_size))
@@ -284,3 +284,37 @@ def test_build_tree_skips_unreachable_depths_without_changing_the_tree(method, b
     for field in ("tokens", "parents", "depths"):
         assert torch.equal(getattr(got, field), getattr(want, field)), field
     torch.testing.assert_close(got.scores, want.scores)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_lazy_conditional_tree_equals_the_fully_evaluated_one(seed):
+    """Placeholders with their parent's score as an upper bound, evaluated in batches, give exactly the tree of
+    the full table: same nodes, same order, ties (coarse log-probs) and -inf entries included."""
+    from treeflash.trees import lazy_conditional_tree
+
+    g = torch.Generator().manual_seed(seed)
+    depth, m, k, vocab = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g)), \
+        int(torch.randint(1, 5, (1,), generator=g)), 9
+    budget = int(torch.randint(1, 25, (1,), generator=g))
+    parents = torch.stack([torch.randperm(vocab, generator=g)[:m] for _ in range(depth - 1)]) if depth > 1 \
+        else torch.zeros(0, m, dtype=torch.int64)
+    num_rows = 1 + (depth - 1) * m
+    logits = (torch.randn(num_rows, vocab, generator=g) * 2).round()  # rounding makes ties common
+    logits[torch.rand(num_rows, vocab, generator=g) < 0.15] = -math.inf
+    logits[:, 0] = 0.0  # every row keeps one finite entry
+    tokens, logprobs = top_k_logprobs(logits, k)
+    full = conditional_tree(3, parents, tokens, logprobs, budget)
+    asked = []
+
+    def evaluate(rows):
+        asked.append(rows.tolist())
+        return tokens[rows], logprobs[rows]
+
+    for prefetch in (None, 1 + m * torch.arange(depth - 1)):  # without guesses, most rows come lazily
+        asked.clear()
+        lazy, evaluated = lazy_conditional_tree(3, parents, evaluate, budget, prefetch=prefetch)
+        for field in ("tokens", "parents", "depths", "scores"):
+            assert torch.equal(getattr(lazy, field), getattr(full, field)), field
+        flat = [r for call in asked for r in call]
+        assert len(flat) == len(set(flat)) == evaluated  # no row is evaluated twice
+        assert evaluated <= depth + budget  # the first guesses (1 + D-1 rows) plus at most one per node

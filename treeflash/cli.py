@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import warnings
 
@@ -30,7 +31,8 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS, default=d.method, help=f"decoding method (default: {d.method})")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget", type=int, default=None,
-                        help="draft nodes per round, the root not counted, as in DDTree (default: 64 for trees, "
+                        help="draft nodes per round, the root not counted, as in DDTree (default: the budget "
+                             "`treeflash tune` chose on this machine, else 16 on a CPU and 64 on a GPU for trees; "
                              "block size - 1 for dflash)")
     budget.add_argument("--tree-size", type=int, default=None,
                         help="the same, counting the root as ETH's TreeFlash does (tree size = budget + 1)")
@@ -42,7 +44,7 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-top-k", type=int, default=d.draft_top_k,
                    help=f"TreeFlash: children kept per conditional row (default: {d.draft_top_k})")
     p.add_argument("--candidate-tokens", type=int, default=None,
-                   help="TreeFlash: candidate parents per position, m (default: the drafter's, 16)")
+                   help="TreeFlash: candidate parents per position, m (default: the tuned one, else the drafter's, 16)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
 
 
@@ -106,12 +108,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     decoder = load(args.target, args.drafter, device=args.device, dtype=args.dtype, drafter_dtype=args.drafter_dtype)
+    if not 1 <= args.prompts <= len(CALIBRATION_PROMPTS):
+        raise TreeFlashError(f"--prompts must be between 1 and {len(CALIBRATION_PROMPTS)}; got {args.prompts}")
+    if args.max_new_tokens < 1:
+        raise TreeFlashError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    decoder.tuning = None  # every setting below is explicit
     prompts = [decoder.target.encode_prompt(p) for p in CALIBRATION_PROMPTS[: args.prompts]]
     print(f"tuning on {len(prompts)} prompts x {args.max_new_tokens} tokens, greedy, {torch.get_num_threads()} "
           f"torch threads (each setting is timed on the same tokens)", file=sys.stderr)
     tuning = tune(decoder, prompts, budgets=budgets, candidates=candidates, max_new_tokens=args.max_new_tokens,
                   progress=lambda line: print("  " + line, file=sys.stderr, flush=True))
-    tuning.command = "treeflash " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["tune"] else sys.argv[1:])
+    tuning.command = "treeflash " + shlex.join(args.argv)
     print(report(tuning))
     best = tuning.best
     chosen = ", ".join(f"{m} budget {v['budget']}" + (f" m {v['candidate_tokens']}" if "candidate_tokens" in v else "")
@@ -372,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that write results
     try:
         return args.func(args)
     except TreeFlashError as e:

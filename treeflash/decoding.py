@@ -31,6 +31,7 @@ from .trees import (
     chain_tree,
     check_budget,
     conditional_tree,
+    lazy_conditional_tree,
     marginal_tree,
     top_k_logprobs,
     tree_attention_mask,
@@ -324,10 +325,14 @@ class Decoder:
 
 def build_tree(drafter: Drafter, target: Target, method: str, root: int, block: BlockDraft, budget: int,
                draft_top_k: int = 16, candidate_tokens: int | None = None,
-               lap: Callable[[str], None] = lambda stage: None) -> DraftTree:
+               lap: Callable[[str], None] = lambda stage: None, lazy_rows: bool | None = None) -> DraftTree:
     """The tree `method` (dflash, ddtree or treeflash) drafts after `root` from one drafted block.
 
     TreeFlash's second stage (the head's conditionals) runs here; `lap("head")` marks its end for timing.
+    lazy_rows: evaluate only the head rows the best-first search reaches, in a few batches
+    (`lazy_conditional_tree`: at most B + 1 rows instead of 1 + (D-1)*m, the same tree); the head stage then
+    includes the search between those batches. None = on a CPU, where the head's cost grows with its rows;
+    a GPU evaluates all rows in one pass for about the price of one, and each batch would cost a sync.
     """
     # A tree of `budget` nodes is at most `budget` deep, so deeper positions can be left out: the tree is the
     # same, and TreeFlash's head evaluates 1 + (depth-1)*m rows instead of 1 + (b-2)*m.
@@ -345,10 +350,25 @@ def build_tree(drafter: Drafter, target: Target, method: str, root: int, block: 
     m = min(candidate_tokens or drafter.config.candidate_tokens, vocab)
     parents = drafter.token_ids(block.logits[: depth - 1].topk(m, dim=-1).indices)  # [D-1, m] target ids
     # Row 0: depth-1 children of the root; row 1 + (d-1)*m + j: children at depth d+1 of parents[d-1, j].
+    row_parents = torch.cat((torch.tensor([root], device=parents.device), parents.flatten()))  # [R]
+    k = min(draft_top_k, vocab)
+    if lazy_rows is None:
+        lazy_rows = block.hidden.device.type == "cpu"
+    if lazy_rows:
+        def evaluate(rows: Tensor) -> tuple[Tensor, Tensor]:  # row ids [R'] -> top-k tokens, log-probs [R', k]
+            rows = rows.to(block.hidden.device)
+            position = torch.where(rows == 0, 0, (rows - 1) // m + 1)  # the block position of each row
+            logits = drafter.conditional_logits(target, block.hidden[position], row_parents[rows])
+            tokens, logprobs = top_k_logprobs(logits, k)
+            return drafter.token_ids(tokens).cpu(), logprobs.cpu()
+
+        tree, _ = lazy_conditional_tree(root, parents.cpu(), evaluate, budget,
+                                        prefetch=_likely_rows(drafter, root, block, parents, budget))
+        lap("head")
+        return tree
     hidden = torch.cat((block.hidden[:1], block.hidden[1:].repeat_interleave(m, dim=0)))
-    row_parents = torch.cat((torch.tensor([root], device=parents.device), parents.flatten()))
     logits = drafter.conditional_logits(target, hidden, row_parents)
-    tokens, logprobs = top_k_logprobs(logits, min(draft_top_k, vocab))
+    tokens, logprobs = top_k_logprobs(logits, k)
     lap("head")
     return conditional_tree(root, parents.cpu(), drafter.token_ids(tokens).cpu(), logprobs.cpu(), budget)
 
@@ -362,3 +382,17 @@ def _prune_depth(tree: DraftTree, max_depth: int) -> DraftTree:
     parents = tree.parents[keep].clone()
     parents[1:] = new_index[parents[1:]]
     return DraftTree(tokens=tree.tokens[keep], parents=parents, depths=tree.depths[keep], scores=tree.scores[keep])
+
+
+def _likely_rows(drafter: Drafter, root: int, block: BlockDraft, parents: Tensor, budget: int) -> Tensor:
+    """A guess at the head rows TreeFlash's search will reach: those of the nodes of DDTree's marginal tree of
+    the same budget that are candidate parents (row 1 + (d-1)*m + rank). The conditional tree mostly grows
+    where the marginal one does, so most rows come in the first head pass."""
+    depth, m = block.logits.shape[0], parents.shape[1]
+    tokens, logprobs = top_k_logprobs(block.logits, min(budget, block.logits.shape[1]))
+    guess = marginal_tree(root, drafter.token_ids(tokens).cpu(), logprobs.cpu(), budget)
+    inner = (guess.depths >= 1) & (guess.depths < depth)
+    node_depth, node_token = guess.depths[inner], guess.tokens[inner]  # [G] each
+    match = parents.cpu()[node_depth - 1] == node_token[:, None]  # [G, m]
+    found, rank = match.max(dim=-1)
+    return (1 + (node_depth - 1) * m + rank)[found]

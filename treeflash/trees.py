@@ -26,6 +26,7 @@ import heapq
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "chain_tree",
     "check_budget",
     "conditional_tree",
+    "lazy_conditional_tree",
     "marginal_tree",
     "top_k_logprobs",
     "tree_attention_mask",
@@ -138,7 +140,6 @@ def best_first_tree(root: int, row_tokens: Tensor, row_logprobs: Tensor, next_ro
     """
     budget = check_budget(budget)
     assert row_tokens.shape == row_logprobs.shape == next_row.shape and row_tokens.dim() == 2
-    k = row_tokens.shape[1]
     # This runs every decode round: per-element tensor indexing costs microseconds, so rows are turned into
     # Python lists lazily, once each, and only for rows the search reaches (a TreeFlash table has ~225 rows,
     # a budget-64 search touches far fewer).
@@ -150,22 +151,54 @@ def best_first_tree(root: int, row_tokens: Tensor, row_logprobs: Tensor, next_ro
             rows[r] = (tokens_np[r].tolist(), logprobs_np[r].tolist(), next_np[r].tolist())
         return rows[r]
 
+    if row_tokens.shape[0] == 0 or row_tokens.shape[1] == 0:
+        return _search(root, lambda r: None, lambda wanted: None, 0, budget)
+    return _search(root, row, lambda wanted: None, row_tokens.shape[1], budget)
+
+
+Row = tuple[list[int], list[float], list[int]]  # (tokens, log-probs, next rows) of one row, best first
+
+
+def _search(root: int, row, fetch, k: int, budget: int) -> DraftTree:
+    """The best-first search behind every tree.
+
+    row(r) gives row r as a `Row`, or None while it has not been evaluated; fetch(rows) evaluates those rows
+    (after which row() gives them). k: entries per row (0: no rows at all, the tree is the root alone).
+
+    A node's first child needs the node's row. If that row is not evaluated yet, the child goes on the heap as
+    a placeholder whose score is the node's own, an upper bound, since log-probs are <= 0. Real entries that
+    outscore it are popped first, as they would be anyway; when a placeholder reaches the top, every
+    placeholder on the heap is evaluated in one `fetch` and put back with its real score and its original push
+    number. The tree is therefore exactly the one a fully evaluated table gives, ties included.
+    """
     tokens, parents, depths, scores = [int(root)], [-1], [0], [0.0]
-    # Heap items: (-score, push order, row, rank, parent index, score). Push order breaks ties
-    # deterministically and keeps tuple comparison away from the later fields.
+    # Heap items: (-score, push order, row, rank, parent index, score); rank -1 marks a placeholder. Push
+    # order breaks ties deterministically and keeps tuple comparison away from the later fields.
     heap: list[tuple[float, int, int, int, int, float]] = []
     pushes = 0
 
-    def push(r: int, j: int, parent: int) -> None:
+    def push(r: int, j: int, parent: int, number: int | None = None) -> None:
         nonlocal pushes
-        score = scores[parent] + row(r)[1][j]
+        entries = row(r)
+        if entries is None:
+            score, j = scores[parent], -1
+        else:
+            score = scores[parent] + entries[1][j]
         if score > -math.inf:
-            heapq.heappush(heap, (-score, pushes, r, j, parent, score))
-            pushes += 1
+            heapq.heappush(heap, (-score, pushes if number is None else number, r, j, parent, score))
+            pushes += number is None
 
-    if k > 0 and row_tokens.shape[0] > 0:
+    if k > 0:
         push(0, 0, 0)
     while heap and len(tokens) <= budget:
+        if heap[0][3] < 0:  # a placeholder on top: evaluate every pending row at once, then go on
+            waiting = [item for item in heap if item[3] < 0]
+            heap[:] = [item for item in heap if item[3] >= 0]
+            heapq.heapify(heap)
+            fetch(sorted({item[2] for item in waiting}))
+            for _, number, r, _, parent, _ in waiting:
+                push(r, 0, parent, number)
+            continue
         _, _, r, j, parent, score = heapq.heappop(heap)
         row_tok, _, row_next = row(r)
         node = len(tokens)
@@ -234,21 +267,63 @@ def conditional_tree(
     m = parent_tokens.shape[1] if parent_tokens.dim() == 2 and parent_tokens.shape[0] > 0 else 0
     depth = parent_tokens.shape[0] + 1
     assert num_rows == 1 + (depth - 1) * m, "conditional rows must be 1 + (D-1)*m"
-    # Depth of the children listed in each row: 1 for row 0, d+1 for the rows of depth-d parents.
-    row_depth = torch.ones(num_rows, dtype=torch.int64)
-    row_depth[1:] = torch.arange(num_rows - 1) // max(m, 1) + 2
-    next_row = torch.full((num_rows, k), -1, dtype=torch.int64)
-    # Rows are ordered by depth, so the rows whose entries may have children (depth < D) are a prefix.
-    inner = 1 + (depth - 2) * m if depth >= 2 else 0
-    if inner:
-        child_depth = row_depth[:inner]  # [R'] the depth of the entries of these rows
-        candidates = parent_tokens[child_depth - 1]  # [R', m]
-        match = row_tokens[:inner, :, None] == candidates[:, None, :]  # [R', k, m]
-        # One reduction gives both answers; candidates are distinct, so a found token has exactly one rank.
-        found, rank = match.max(dim=-1)  # [R', k] each
-        first_row = 1 + (child_depth - 1) * m  # [R'] row of the first candidate parent at that depth
-        next_row[:inner] = torch.where(found, first_row[:, None] + rank, -1)
+    next_row = _conditional_next_rows(torch.arange(num_rows), row_tokens, parent_tokens)
     return best_first_tree(root, row_tokens, row_logprobs, next_row, budget)
+
+
+def _conditional_next_rows(row_ids: Tensor, row_tokens: Tensor, parent_tokens: Tensor) -> Tensor:
+    """next_row [R', k] for the conditional rows `row_ids` [R'] whose entries are `row_tokens` [R', k]: the
+    row of each entry's own children, if the entry's token is a candidate parent at its depth, else -1."""
+    depth = parent_tokens.shape[0] + 1
+    m = parent_tokens.shape[1] if parent_tokens.dim() == 2 and depth > 1 else 0
+    # Depth of the children listed in each row: 1 for row 0, d+1 for the rows of depth-d parents.
+    row_depth = torch.where(row_ids == 0, 1, (row_ids - 1) // max(m, 1) + 2)
+    next_row = torch.full(row_tokens.shape, -1, dtype=torch.int64)
+    inner = row_depth < depth  # rows whose entries may have children (depth-D entries are leaves)
+    if m and bool(inner.any()):
+        child_depth = row_depth[inner]  # [R''] the depth of the entries of these rows
+        candidates = parent_tokens[child_depth - 1]  # [R'', m]
+        match = row_tokens[inner][:, :, None] == candidates[:, None, :]  # [R'', k, m]
+        # One reduction gives both answers; candidates are distinct, so a found token has exactly one rank.
+        found, rank = match.max(dim=-1)  # [R'', k] each
+        first_row = 1 + (child_depth - 1) * m  # [R''] row of the first candidate parent at that depth
+        next_row[inner] = torch.where(found, first_row[:, None] + rank, -1)
+    return next_row
+
+
+def lazy_conditional_tree(
+    root: int,
+    parent_tokens: Tensor,
+    evaluate: Callable[[Tensor], tuple[Tensor, Tensor]],
+    budget: int,
+    prefetch: Tensor | None = None,
+) -> tuple[DraftTree, int]:
+    """`conditional_tree`, evaluating only the conditional rows that the search reaches.
+
+    parent_tokens: [D-1, m] int64, CPU, as for `conditional_tree`.
+    evaluate:      row ids [R'] int64 (numbered as in `conditional_tree`) -> (row_tokens [R', k] int64,
+                   row_logprobs [R', k] float), CPU: the head's top-k for those (depth, parent) pairs.
+    prefetch:      row ids to evaluate in the first call, with row 0 (guesses at rows the search will need:
+                   each call costs a pass of the head, so fewer, larger calls are cheaper).
+    A B-node tree needs at most B + 1 rows where the full table has 1 + (D-1)*m. Returns the tree, exactly
+    the one `conditional_tree` builds from the full table, and the number of rows evaluated.
+    """
+    rows: dict[int, Row] = {}
+
+    def fetch(wanted) -> None:
+        ids = torch.tensor([r for r in wanted if r not in rows], dtype=torch.int64)
+        if ids.numel() == 0:
+            return
+        tokens, logprobs = evaluate(ids)
+        next_row = _conditional_next_rows(ids, tokens, parent_tokens)
+        for r, t, lp, nr in zip(ids.tolist(), tokens.tolist(), logprobs.tolist(), next_row.tolist()):
+            rows[r] = (t, lp, nr)
+
+    first = [0] + ([] if prefetch is None else prefetch.tolist())
+    fetch(sorted(set(first)))
+    k = len(rows[0][0])
+    tree = _search(root, rows.get, fetch, k, budget)
+    return tree, len(rows)
 
 
 def tree_attention_mask(tree: DraftTree) -> Tensor:
