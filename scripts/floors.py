@@ -119,6 +119,8 @@ def main() -> None:
         nodes = 1 if method == "ar" else (drafter.block_size if method == "dflash" else args.budget + 1)
         depth = min(drafter.block_size - 1, args.budget)  # build_tree skips depths the budget cannot reach
         rows = 1 + (depth - 1) * m if method == "treeflash" else 0
+        if rows and target.device.type == "cpu":  # rows on demand: a B-node tree needs at most B + 1 of them
+            rows = min(rows, args.budget + 1)
         context = len(prompt) + args.max_new_tokens // 2
         floor = floors(target, drafter, nodes, context, rows, speeds)
         total_m = total_f = 0.0

@@ -93,6 +93,8 @@ def test_bad_tuning_requests_are_clear_errors(tuned):
         tune(decoder, [PROMPT], budgets=(0,))
     with pytest.raises(TreeFlashError, match="candidate"):
         tune(decoder, [PROMPT], candidates=(0,))
+    with pytest.raises(TreeFlashError, match="repeats"):
+        tune(decoder, [PROMPT], repeats=0)
 
 
 def test_tuning_json_round_trip(tuned):

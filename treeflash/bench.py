@@ -598,7 +598,8 @@ def write_report(path: Path, meta: dict, runs: Sequence[Run], summaries: Sequenc
         "## Where the time goes",
         "",
         f"Milliseconds per round ({scope}); prefill in milliseconds per generation. `draft`: the drafter's "
-        "pass; `head`: TreeFlash's conditional pass; `tree`: top-k tables, best-first search, mask; `verify`: the "
+        "pass; `head`: TreeFlash's conditional passes (on a CPU, with the search that asks for their rows); `tree`: "
+        "top-k tables, best-first search, mask; `verify`: the "
         "target's pass and token choice; `commit`: the walk, cache compaction, stop checks.",
         "",
         "| variant | rounds | " + " | ".join(STAGES) + " | round total | share in verify |",

@@ -32,7 +32,7 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget", type=int, default=None,
                         help="draft nodes per round, the root not counted, as in DDTree (default: the budget "
-                             "`treeflash tune` chose on this machine, else 16 on a CPU and 64 on a GPU for trees; "
+                             "`treeflash tune` chose on this machine, else 8 on a CPU and 64 on a GPU for trees; "
                              "block size - 1 for dflash)")
     budget.add_argument("--tree-size", type=int, default=None,
                         help="the same, counting the root as ETH's TreeFlash does (tree size = budget + 1)")
@@ -114,10 +114,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise TreeFlashError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     decoder.tuning = None  # every setting below is explicit
     prompts = [decoder.target.encode_prompt(p) for p in CALIBRATION_PROMPTS[: args.prompts]]
-    print(f"tuning on {len(prompts)} prompts x {args.max_new_tokens} tokens, greedy, {torch.get_num_threads()} "
-          f"torch threads (each setting is timed on the same tokens)", file=sys.stderr)
+    print(f"tuning on {len(prompts)} prompts x {args.max_new_tokens} tokens, best of {args.repeats}, greedy, "
+          f"{torch.get_num_threads()} torch threads (each setting is timed on the same tokens; a few minutes on a "
+          f"CPU)", file=sys.stderr)
     tuning = tune(decoder, prompts, budgets=budgets, candidates=candidates, max_new_tokens=args.max_new_tokens,
-                  progress=lambda line: print("  " + line, file=sys.stderr, flush=True))
+                  progress=lambda line: print("  " + line, file=sys.stderr, flush=True), repeats=args.repeats)
     tuning.command = "treeflash " + shlex.join(args.argv)
     print(report(tuning))
     best = tuning.best
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(s)
     add_serve_flags(s)
 
-    from .tuning import DEFAULT_BUDGETS, DEFAULT_CANDIDATES, DEFAULT_TUNE_TOKENS
+    from .tuning import DEFAULT_BUDGETS, DEFAULT_CANDIDATES, DEFAULT_REPEATS, DEFAULT_TUNE_TOKENS
 
     t = sub.add_parser("tune", help="time budgets and candidate counts on this machine; keep the fastest as defaults")
     _add_model_flags(t)
@@ -345,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-new-tokens", type=int, default=DEFAULT_TUNE_TOKENS, help="per prompt (default: %(default)s)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); "
                    "a tuning holds for this thread count only")
+    t.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                   help="time each prompt this many times and keep the fastest (default: %(default)s)")
     t.add_argument("--dry-run", action="store_true", help="measure and print, but save nothing")
     t.set_defaults(func=cmd_tune)
 

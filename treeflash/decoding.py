@@ -42,7 +42,7 @@ METHODS = ("ar", "dflash", "ddtree", "treeflash")
 # Draft nodes per round when neither the caller nor a tuning (`treeflash tune`) says: a GPU verifies a
 # 65-node tree for about the price of one token, a CPU pays for each node (measured in results/speed/).
 DEFAULT_BUDGET = 64
-DEFAULT_CPU_BUDGET = 16
+DEFAULT_CPU_BUDGET = 8
 STAGES = ("prefill", "draft", "head", "tree", "verify", "commit")
 
 
@@ -386,11 +386,14 @@ def _prune_depth(tree: DraftTree, max_depth: int) -> DraftTree:
 
 def _likely_rows(drafter: Drafter, root: int, block: BlockDraft, parents: Tensor, budget: int) -> Tensor:
     """A guess at the head rows TreeFlash's search will reach: those of the nodes of DDTree's marginal tree of
-    the same budget that are candidate parents (row 1 + (d-1)*m + rank). The conditional tree mostly grows
-    where the marginal one does, so most rows come in the first head pass."""
+    4x the budget that are candidate parents (row 1 + (d-1)*m + rank). The conditional tree mostly grows where
+    the marginal one does. The guess is generous because on a CPU a head pass costs ~2 ms whatever its few
+    rows (weights and per-op overhead), so one more pass costs more than a dozen extra rows: with 4x, a
+    round needs 1.1-2.1 passes instead of 2.2-3.1 (scripts/head_rows.py, results/speed/head_rows_cpu_noamx.md)."""
     depth, m = block.logits.shape[0], parents.shape[1]
-    tokens, logprobs = top_k_logprobs(block.logits, min(budget, block.logits.shape[1]))
-    guess = marginal_tree(root, drafter.token_ids(tokens).cpu(), logprobs.cpu(), budget)
+    guess_budget = 4 * budget
+    tokens, logprobs = top_k_logprobs(block.logits, min(guess_budget, block.logits.shape[1]))
+    guess = marginal_tree(root, drafter.token_ids(tokens).cpu(), logprobs.cpu(), guess_budget)
     inner = (guess.depths >= 1) & (guess.depths < depth)
     node_depth, node_token = guess.depths[inner], guess.tokens[inner]  # [G] each
     match = parents.cpu()[node_depth - 1] == node_token[:, None]  # [G, m]
