@@ -929,7 +929,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS, default=d.method,
                    help=f"decoding method of requests that name none (default: {d.method})")
     p.add_argument("--budget", type=int, default=None,
-                   help="draft nodes per round for requests that name none (default: 64 for trees, b-1 for dflash)")
+                   help="draft nodes per round for requests that name none (default: the tuned budget, else 8 on "
+                        "a CPU and 64 on a GPU for trees; b-1 for dflash)")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help=f"requests that may wait for the engine; more get 503 (default: {d.max_queue})")
     p.add_argument("--max-active", type=int, default=d.max_active,
