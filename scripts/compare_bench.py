@@ -11,6 +11,8 @@ import argparse
 import csv
 from pathlib import Path
 
+from _output import write_markdown  # scripts/_output.py (scripts run as `python scripts/NAME.py`)
+
 STAGES = ("draft", "head", "tree", "verify", "commit")
 
 
@@ -69,10 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     text = f"{args.title}\n\nPer-stage times are ms per round (see docs/benchmarking.md); cells read before → after.\n\n"
     text += table(load(args.before), load(args.after))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    write_markdown(text, args.out)
 
 
 if __name__ == "__main__":

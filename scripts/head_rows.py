@@ -21,6 +21,8 @@ import treeflash
 import treeflash.decoding as decoding
 from treeflash.decoding import DecodeConfig
 
+from _output import write_markdown  # scripts/_output.py (scripts run as `python scripts/NAME.py`)
+
 PROMPTS = (
     "Write a Python function that checks whether a number is prime, with tests.",
     "Explain in a short paragraph why the sky is blue.",
@@ -87,10 +89,7 @@ def main() -> None:
             lines.append(f"| {budget} | {'on demand' if lazy else 'all'} | {rows:.1f} | {calls:.2f} | "
                          f"{decoding.tau(acceptance):.2f} | {per['head']:.1f} | {per['tree']:.1f} | {tps:.1f} |")
     text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    write_markdown(text, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from treeflash.packing import FusedLinear
 
+from _output import write_markdown  # scripts/_output.py (scripts run as `python scripts/NAME.py`)
+
 LAYERS = 30
 SHAPES = ((768, 576), (576, 576), (3072, 576), (576, 1536))  # (out, in): qkv, o, gate_up, down of SmolLM2-135M
 ROWS = (1, 2, 4, 8, 16, 17, 33, 65)
@@ -73,10 +75,7 @@ def main() -> None:
             b.append(_seconds(fast))
         lines.append(f"| {rows} | {1000 * min(a):.1f} | {1000 * min(b):.1f} | {min(a) / min(b):.2f}x |")
     text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    write_markdown(text, args.out)
 
 
 if __name__ == "__main__":

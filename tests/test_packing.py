@@ -48,8 +48,8 @@ def test_unpacked_maps_keep_gradients_and_do_not_copy():
 def test_packed_target_matches_its_unpacked_self(family):
     packed = tiny_target(family, dtype=torch.float32)
     plain = tiny_target(family, dtype=torch.float32)
-    plain.maps = [plain._layer_maps(layer, pack=False) for layer in plain.layers]
-    plain.lm_head_map = FusedLinear([plain.lm_head.weight], pack=False)
+    assert plain.maps[0].qkv.backend is None  # packing waits for the first tree (Target.pack)
+    packed.pack()
     assert packed.maps[0].qkv.backend == "mkl" and packed.lm_head_map.backend == "mkl"
     ids = torch.randint(0, packed.vocab_size, (19,), generator=torch.Generator().manual_seed(2))
     a = packed.forward(ids, torch.arange(19), packed.new_cache(32), feature_layers=(1, 3))

@@ -103,15 +103,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .api import load
     from .tuning import CALIBRATION_PROMPTS, report, save_tuning, tune
 
-    budgets = _int_list(args.budgets, "--budgets")
+    from .trees import check_budget
+
+    # Flags are checked before the model loads.
+    budgets = [check_budget(b) for b in _int_list(args.budgets, "--budgets")]
     candidates = _int_list(args.candidate_tokens, "--candidate-tokens")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    decoder = load(args.target, args.drafter, device=args.device, dtype=args.dtype, drafter_dtype=args.drafter_dtype)
     if not 1 <= args.prompts <= len(CALIBRATION_PROMPTS):
         raise TreeFlashError(f"--prompts must be between 1 and {len(CALIBRATION_PROMPTS)}; got {args.prompts}")
     if args.max_new_tokens < 1:
         raise TreeFlashError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    decoder = load(args.target, args.drafter, device=args.device, dtype=args.dtype, drafter_dtype=args.drafter_dtype)
     decoder.tuning = None  # every setting below is explicit
     prompts = [decoder.target.encode_prompt(p) for p in CALIBRATION_PROMPTS[: args.prompts]]
     print(f"tuning on {len(prompts)} prompts x {args.max_new_tokens} tokens, best of {args.repeats}, greedy, "

@@ -28,6 +28,7 @@ from .errors import TreeFlashError
 from .targets import Target
 from .trees import (
     DraftTree,
+    candidate_rows,
     chain_tree,
     check_budget,
     conditional_tree,
@@ -232,6 +233,8 @@ class Decoder:
             raise TreeFlashError(f"the prompt has token ids outside the target's vocabulary [0, {vocab})")
 
         budget = resolve_budget(method, config.budget, drafter, self.tuning, target.device)
+        if method != "ar":
+            target.pack()  # trees are verified in passes of several tokens
         sampling = config.sampling
         if not sampling.greedy and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
@@ -352,25 +355,23 @@ def build_tree(drafter: Drafter, target: Target, method: str, root: int, block: 
     # Row 0: depth-1 children of the root; row 1 + (d-1)*m + j: children at depth d+1 of parents[d-1, j].
     row_parents = torch.cat((torch.tensor([root], device=parents.device), parents.flatten()))  # [R]
     k = min(draft_top_k, vocab)
+
+    def evaluate(rows: Tensor) -> tuple[Tensor, Tensor]:  # row ids [R'] -> top-k tokens, log-probs [R', k]
+        rows = rows.to(block.hidden.device)
+        position = torch.where(rows == 0, 0, (rows - 1) // m + 1)  # the block position of each row
+        logits = drafter.conditional_logits(target, block.hidden[position], row_parents[rows])
+        tokens, logprobs = top_k_logprobs(logits, k)
+        return drafter.token_ids(tokens).cpu(), logprobs.cpu()
+
     if lazy_rows is None:
         lazy_rows = block.hidden.device.type == "cpu"
     if lazy_rows:
-        def evaluate(rows: Tensor) -> tuple[Tensor, Tensor]:  # row ids [R'] -> top-k tokens, log-probs [R', k]
-            rows = rows.to(block.hidden.device)
-            position = torch.where(rows == 0, 0, (rows - 1) // m + 1)  # the block position of each row
-            logits = drafter.conditional_logits(target, block.hidden[position], row_parents[rows])
-            tokens, logprobs = top_k_logprobs(logits, k)
-            return drafter.token_ids(tokens).cpu(), logprobs.cpu()
-
         tree, _ = lazy_conditional_tree(root, parents.cpu(), evaluate, budget,
-                                        prefetch=_likely_rows(drafter, root, block, parents, budget))
-        lap("head")
-        return tree
-    hidden = torch.cat((block.hidden[:1], block.hidden[1:].repeat_interleave(m, dim=0)))
-    logits = drafter.conditional_logits(target, hidden, row_parents)
-    tokens, logprobs = top_k_logprobs(logits, k)
+                                        prefetch=_likely_rows(drafter, root, block, parents.cpu(), budget))
+    else:
+        tree = conditional_tree(root, parents.cpu(), *evaluate(torch.arange(row_parents.shape[0])), budget)
     lap("head")
-    return conditional_tree(root, parents.cpu(), drafter.token_ids(tokens).cpu(), logprobs.cpu(), budget)
+    return tree
 
 
 def _prune_depth(tree: DraftTree, max_depth: int) -> DraftTree:
@@ -386,16 +387,12 @@ def _prune_depth(tree: DraftTree, max_depth: int) -> DraftTree:
 
 def _likely_rows(drafter: Drafter, root: int, block: BlockDraft, parents: Tensor, budget: int) -> Tensor:
     """A guess at the head rows TreeFlash's search will reach: those of the nodes of DDTree's marginal tree of
-    4x the budget that are candidate parents (row 1 + (d-1)*m + rank). The conditional tree mostly grows where
-    the marginal one does. The guess is generous because on a CPU a head pass costs ~2 ms whatever its few
-    rows (weights and per-op overhead), so one more pass costs more than a dozen extra rows: with 4x, a
-    round needs 1.1-2.1 passes instead of 2.2-3.1 (scripts/head_rows.py, results/speed/head_rows_cpu_noamx.md)."""
-    depth, m = block.logits.shape[0], parents.shape[1]
+    4x the budget that are candidate parents (`candidate_rows`; parents [D-1, m] int64, CPU). The conditional
+    tree mostly grows where the marginal one does. The guess is generous because on a CPU a head pass costs
+    ~2 ms whatever its few rows (weights and per-op overhead), so one pass fewer is worth a dozen extra rows:
+    rounds need 1.1-2.0 passes at budgets 4-16 (results/speed/head_rows_cpu_noamx.md)."""
     guess_budget = 4 * budget
     tokens, logprobs = top_k_logprobs(block.logits, min(guess_budget, block.logits.shape[1]))
     guess = marginal_tree(root, drafter.token_ids(tokens).cpu(), logprobs.cpu(), guess_budget)
-    inner = (guess.depths >= 1) & (guess.depths < depth)
-    node_depth, node_token = guess.depths[inner], guess.tokens[inner]  # [G] each
-    match = parents.cpu()[node_depth - 1] == node_token[:, None]  # [G, m]
-    found, rank = match.max(dim=-1)
-    return (1 + (node_depth - 1) * m + rank)[found]
+    rows = candidate_rows(guess.depths, guess.tokens, parents)
+    return rows[rows >= 0]

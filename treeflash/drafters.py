@@ -217,9 +217,10 @@ class ARHead(nn.Module):
     def forward(self, parent_embeds: Tensor, hidden_normed: Tensor, maps: DrafterMaps | None = None) -> Tensor:
         """parent_embeds [R, H] (target embedding of c), hidden_normed [R, H] -> delta [R, H]. `maps`: the
         drafter's (packed) projections, else this module's own."""
+        ug, d = (self.ug, self.d) if maps is None else (maps.ug, maps.d)
         x = torch.cat((self.norm(parent_embeds), hidden_normed), dim=-1)
-        u, g = (maps.ug(x) if maps is not None else self.ug(x)).chunk(2, dim=-1)
-        return maps.d(F.silu(g) * u) if maps is not None else self.d(F.silu(g) * u)
+        u, g = ug(x).chunk(2, dim=-1)
+        return d(F.silu(g) * u)
 
 
 @dataclasses.dataclass
@@ -407,12 +408,11 @@ class Drafter(nn.Module):
             assert target.lm_head.bias is None, "LM heads with a bias are not supported here"
             rows = weight.detach() if self.draft_vocab is None else weight.detach()[self.draft_vocab.to(weight.device)]
             rows = rows.to(dtype)
-            if rows.data_ptr() == weight.data_ptr() and target.lm_head_map.backend is not None:
-                packed = target.lm_head_map  # the full head in the target's dtype: packed once, by the target
-            else:
-                packed = FusedLinear([rows])
+            # The whole head in the target's dtype is the target's own map (packed once, by the target).
+            packed = None if rows.data_ptr() == weight.data_ptr() else FusedLinear([rows])
             self._head_cache = (key, rows, packed)
-        return self._head_cache[1], self._head_cache[2]
+        _, rows, packed = self._head_cache
+        return rows, target.lm_head_map if packed is None else packed
 
     def token_ids(self, indices: Tensor) -> Tensor:
         """Columns of the drafter's logits -> target token ids (identity without a draft vocabulary)."""

@@ -38,6 +38,7 @@ __all__ = [
     "DraftTree",
     "best_first_tree",
     "budget_from_tree_size",
+    "candidate_rows",
     "chain_tree",
     "check_budget",
     "conditional_tree",
@@ -271,24 +272,29 @@ def conditional_tree(
     return best_first_tree(root, row_tokens, row_logprobs, next_row, budget)
 
 
-def _conditional_next_rows(row_ids: Tensor, row_tokens: Tensor, parent_tokens: Tensor) -> Tensor:
-    """next_row [R', k] for the conditional rows `row_ids` [R'] whose entries are `row_tokens` [R', k]: the
-    row of each entry's own children, if the entry's token is a candidate parent at its depth, else -1."""
+def candidate_rows(depths: Tensor, tokens: Tensor, parent_tokens: Tensor) -> Tensor:
+    """The conditional row holding the children of nodes at `depths` with `tokens` (any equal shapes, int64,
+    CPU): 1 + (d-1)*m + the token's rank among the depth-d candidate parents `parent_tokens` [D-1, m], or -1
+    where the token is not a candidate at its depth, the depth is 0 or the deepest D (those nodes are leaves)."""
     depth = parent_tokens.shape[0] + 1
     m = parent_tokens.shape[1] if parent_tokens.dim() == 2 and depth > 1 else 0
-    # Depth of the children listed in each row: 1 for row 0, d+1 for the rows of depth-d parents.
-    row_depth = torch.where(row_ids == 0, 1, (row_ids - 1) // max(m, 1) + 2)
-    next_row = torch.full(row_tokens.shape, -1, dtype=torch.int64)
-    inner = row_depth < depth  # rows whose entries may have children (depth-D entries are leaves)
+    rows = torch.full(tokens.shape, -1, dtype=torch.int64)
+    inner = (depths >= 1) & (depths < depth)
     if m and bool(inner.any()):
-        child_depth = row_depth[inner]  # [R''] the depth of the entries of these rows
-        candidates = parent_tokens[child_depth - 1]  # [R'', m]
-        match = row_tokens[inner][:, :, None] == candidates[:, None, :]  # [R'', k, m]
+        d = depths[inner]  # [N]
+        match = tokens[inner][:, None] == parent_tokens[d - 1]  # [N, m]
         # One reduction gives both answers; candidates are distinct, so a found token has exactly one rank.
-        found, rank = match.max(dim=-1)  # [R'', k] each
-        first_row = 1 + (child_depth - 1) * m  # [R''] row of the first candidate parent at that depth
-        next_row[inner] = torch.where(found, first_row[:, None] + rank, -1)
-    return next_row
+        found, rank = match.max(dim=-1)
+        rows[inner] = torch.where(found, 1 + (d - 1) * m + rank, -1)
+    return rows
+
+
+def _conditional_next_rows(row_ids: Tensor, row_tokens: Tensor, parent_tokens: Tensor) -> Tensor:
+    """next_row [R', k] for the conditional rows `row_ids` [R'] whose entries are `row_tokens` [R', k]."""
+    m = max(parent_tokens.shape[1] if parent_tokens.dim() == 2 else 0, 1)
+    # Depth of the children listed in each row: 1 for row 0, d+1 for the rows of depth-d parents.
+    row_depth = torch.where(row_ids == 0, 1, (row_ids - 1) // m + 2)
+    return candidate_rows(row_depth[:, None].expand_as(row_tokens), row_tokens, parent_tokens)
 
 
 def lazy_conditional_tree(
