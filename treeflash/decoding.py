@@ -389,7 +389,7 @@ def _likely_rows(drafter: Drafter, root: int, block: BlockDraft, parents: Tensor
     """A guess at the head rows TreeFlash's search will reach: those of the nodes of DDTree's marginal tree of
     4x the budget that are candidate parents (`candidate_rows`; parents [D-1, m] int64, CPU). The conditional
     tree mostly grows where the marginal one does. The guess is generous because on a CPU a head pass costs
-    ~2 ms whatever its few rows (weights and per-op overhead), so one pass fewer is worth a dozen extra rows:
+    3.5-4.3 ms whatever its few rows (weights and per-op overhead), so one pass fewer is worth a dozen extra rows:
     rounds need 1.1-2.0 passes at budgets 4-16 (results/speed/head_rows_cpu_noamx.md)."""
     guess_budget = 4 * budget
     tokens, logprobs = top_k_logprobs(block.logits, min(guess_budget, block.logits.shape[1]))
