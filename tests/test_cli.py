@@ -133,3 +133,42 @@ def test_tune_saves_defaults_that_generate_then_uses(model_dir, capsys, tmp_path
 def test_bad_tune_flags_are_clear_errors(model_dir, capsys, flags, message):
     assert main(["tune", "--target", str(model_dir), "--drafter", "untrained", "--dry-run", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_features_then_a_drafter_from_them(model_dir, tmp_path, capsys):
+    """`train features` caches the target once; `train drafter --features` trains without the target's
+    passes, resumes, and exports a drafter that `generate` uses losslessly."""
+    g = torch.Generator().manual_seed(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    records = [{"id": f"r{i}", "prompt_ids": torch.randint(5, 97, (4,), generator=g).tolist(),
+                "response_ids": torch.randint(5, 97, (12,), generator=g).tolist()} for i in range(6)]
+    (data / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cache = tmp_path / "cache"
+    assert main(["train", "features", "--data", str(data), "--out", str(cache), "--target", str(model_dir),
+                 "--shard-sequences", "4"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"sequences": 6, "tokens": 96, "shards": 2,
+                                                                   "written_now": 2}
+    run = ["train", "drafter", "--features", str(cache), "--out", str(tmp_path / "run"), "--target", str(model_dir),
+           "--block-size", "4", "--target-layers", "2", "--anchors", "4", "--batch-size", "2", "--epochs", "3",
+           "--val-sequences", "2", "--eval-every", "2", "--export", str(tmp_path / "drafter")]
+    assert main(run + ["--max-steps", "2"]) == 0  # a first sitting: not complete, nothing exported
+    assert not (tmp_path / "drafter").exists()
+    assert main(run) == 0
+    metrics = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert metrics["step"] == 6 and metrics["complete"] and "anchor_sensitivity" in metrics
+    config = json.loads((tmp_path / "drafter" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["block_size"] == 4
+    assert config["dflash_config"]["target_layer_ids"] == [1, 3]
+    ar = _run_json(capsys, "w5 w6", "--target", str(model_dir), "--method", "ar", "--max-new-tokens", "12")
+    ours = _run_json(capsys, "w5 w6", "--target", str(model_dir), "--drafter", str(tmp_path / "drafter"),
+                     "--max-new-tokens", "12")
+    assert ours["token_ids"] == ar["token_ids"]
+
+
+def test_train_drafter_needs_data_or_features(model_dir, tmp_path, capsys):
+    assert main(["train", "drafter", "--out", str(tmp_path / "run"), "--target", str(model_dir)]) == 2
+    assert "pass --data" in capsys.readouterr().err
+    assert main(["train", "drafter", "--features", str(tmp_path), "--out", str(tmp_path / "run"),
+                 "--target", str(model_dir)]) == 2
+    assert "not a feature cache" in capsys.readouterr().err

@@ -186,6 +186,26 @@ def cmd_train_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_features(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import load_sequences
+    from .drafters import default_target_layer_ids
+    from .features import build_feature_cache
+    from .targets import load_target
+
+    target = load_target(args.target)
+    layers = (tuple(int(i) for i in args.layers.split(",")) if args.layers
+              else default_target_layer_ids(target.num_layers, 5))
+    sequences = load_sequences(args.data, max_length=args.max_length)[: args.limit]
+    print(f"caching target layers {list(layers)} (and the final state) of {len(sequences)} sequences from "
+          f"{args.data} into {args.out}", file=sys.stderr)
+    counts = build_feature_cache(target, sequences, args.out, layers, shard_sequences=args.shard_sequences,
+                                 source=str(args.data))
+    print(json.dumps(counts))
+    return 0
+
+
 def _train_config_from_args(args: argparse.Namespace, stage: str):
     from .training import TrainConfig
 
@@ -196,6 +216,7 @@ def _train_config_from_args(args: argparse.Namespace, stage: str):
         gamma=args.gamma, loss=args.loss, finetune_backbone=getattr(args, "finetune_backbone", False),
         val_sequences=args.val_sequences, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         precision=args.precision, balance_features=not getattr(args, "no_balance_features", False),
+        features=args.features, time_budget=args.time_budget,
     )
 
 
@@ -220,7 +241,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             drafter = _with_head(drafter, target)
     elif stage == "head":
         raise TreeFlashError("training a head starts from a trained drafter; pass --init PATH")
-    sequences = load_sequences(args.data, max_length=config.max_length)[: config.max_sequences]
+    if not args.data and not config.features:
+        raise TreeFlashError("training needs data: pass --data (regenerated sequences) or --features (a feature cache)")
+    if config.features:
+        from .features import FeatureCache
+
+        sequences = FeatureCache(config.features).sequences[: config.max_sequences]
+    else:
+        sequences = load_sequences(args.data, max_length=config.max_length)[: config.max_sequences]
     if not args.init:
         vocab = None
         if args.draft_vocab:
@@ -229,18 +257,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             vocab, coverage = draft_vocabulary(sequences, args.draft_vocab, always=target.eos_token_ids)
             print(f"draft vocabulary: {vocab.numel()} tokens covering {100 * coverage:.1f}% of response tokens",
                   file=sys.stderr)
+        from .drafters import default_target_layer_ids
+
         drafter = new_drafter(target, num_hidden_layers=args.layers, block_size=args.block_size, seed=args.seed,
-                              draft_vocab=vocab)
+                              draft_vocab=vocab,
+                              target_layer_ids=default_target_layer_ids(target.num_layers, args.target_layers))
         drafter.float()  # master weights
         if args.init_from_target:
             from .training import initialize_from_target
 
             copied = initialize_from_target(drafter, target)
             print(f"initialised {len(copied)} drafter tensors from the target's last layers", file=sys.stderr)
-    print(f"{len(sequences)} sequences from {args.data}; training the {stage} into {args.out}", file=sys.stderr)
-    metrics = train(drafter, target, sequences, config, args.out, max_steps=args.max_steps,
-                    log=lambda m: print(m, file=sys.stderr), fresh_fc=not args.init)
-    if args.export and metrics["step"] >= metrics["total_steps"]:
+    print(f"{len(sequences)} sequences from {config.features or args.data}; training the {stage} into {args.out}",
+          file=sys.stderr)
+    # A new drafter's fc is random, so it keeps its weights behind the feature scale; the identity fc that
+    # --init-from-target builds (and a loaded drafter's) is exact only with the scale folded out of it.
+    fresh_fc = not args.init and not getattr(args, "init_from_target", False)
+    metrics = train(drafter, target, None if config.features else sequences, config, args.out,
+                    max_steps=args.max_steps, log=lambda m: print(m, file=sys.stderr), fresh_fc=fresh_fc)
+    if args.export and metrics["complete"]:
         save_drafter(drafter, args.export, dtype=parse_dtype(args.export_dtype),
                      extra={"training": {"command": " ".join(sys.argv), "metrics": metrics}})
         print(f"exported the trained drafter to {args.export}", file=sys.stderr)
@@ -266,16 +301,25 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
 
     d = TrainConfig(stage=stage)
     lr = 6e-4 if stage == "drafter" else 1e-4
-    p.add_argument("--data", required=True, help="regenerated data (the --out of `treeflash train data`)")
+    p.add_argument("--data", default=None, help="regenerated data (the --out of `treeflash train data`)")
+    p.add_argument("--features", default=None,
+                   help="a feature cache (`treeflash train features`): train on its sequences without running the "
+                        "target (instead of --data)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl; resumes if it holds one")
     p.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--init", default=None, help="start from this drafter checkpoint" +
                    (" (required: a trained drafter)" if stage == "head" else " (default: a new one)"))
     if stage == "drafter":
-        p.add_argument("--layers", type=int, default=5, help="layers of a new drafter (default: 5)")
-        p.add_argument("--block-size", type=int, default=16, help="block size of a new drafter (default: 16)")
+        from .training import DEFAULT_BLOCK_SIZE, DEFAULT_LAYERS, DEFAULT_TARGET_LAYERS
+
+        p.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="layers of a new drafter (default: %(default)s)")
+        p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                       help="block size of a new drafter (default: %(default)s)")
+        p.add_argument("--target-layers", type=int, default=DEFAULT_TARGET_LAYERS,
+                       help="target layers a new drafter reads, spread from layer 1 to L-3 (default: %(default)s)")
         p.add_argument("--init-from-target", action="store_true",
-                       help="start the drafter's layers from the target's last layers (where shapes agree)")
+                       help="start the drafter's layers from the target's last layers (where shapes agree; "
+                            "measured worse than random init, see training/README.md)")
         p.add_argument("--draft-vocab", type=int, default=None,
                        help="predict only the N most frequent response tokens (a reduced draft vocabulary; "
                             "default: the whole vocabulary)")
@@ -295,8 +339,11 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--max-sequences", type=int, default=None,
                    help="use only the first N sequences, so a run resumes on the same data while more is made")
     p.add_argument("--gamma", type=float, default=None, help="position-weight decay (default: 7 for block 16)")
-    p.add_argument("--loss", choices=("ce", "kl"), default=None,
-                   help="ce (true tokens) or kl (to the target's distribution) (default: ce for drafters, kl for heads)")
+    p.add_argument("--loss", choices=("ce", "kl", "ce+kl"), default=None,
+                   help="ce (true tokens), kl (to the target's distribution) or their mean "
+                        "(default: ce for drafters, kl for heads)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="minutes of training: the schedule spans this time instead of --epochs")
     p.add_argument("--val-sequences", type=int, default=d.val_sequences, help=f"(default: {d.val_sequences})")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"(default: {d.eval_every})")
     p.add_argument("--save-every", type=int, default=d.save_every, help=f"(default: {d.save_every})")
@@ -377,6 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="float32",
                    help="target dtype for generation; bfloat16 is ~3x faster on CPUs with AMX (default: float32)")
     d.set_defaults(func=cmd_train_data)
+    from .features import DEFAULT_SHARD_SEQUENCES
+
+    f = steps.add_parser("features", help="run the target once over training data and cache its features (resumable)")
+    f.add_argument("--data", required=True, help="regenerated data (the --out of `treeflash train data`)")
+    f.add_argument("--out", required=True, help="cache directory (memory-mapped float16 shards); resumes if it holds one")
+    f.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
+    f.add_argument("--layers", default=None,
+                   help="comma-separated target layers to cache (default: 5 spread from layer 1 to L-3, DFlash's)")
+    f.add_argument("--limit", type=int, default=None, help="cache only the first N sequences")
+    f.add_argument("--max-length", type=int, default=1024, help="tokens per sequence, longer ones are cut (default: 1024)")
+    f.add_argument("--shard-sequences", type=int, default=DEFAULT_SHARD_SEQUENCES,
+                   help="sequences per shard (default: %(default)s)")
+    f.set_defaults(func=cmd_train_features)
     _add_train_flags(steps.add_parser("drafter", help="train a DFlash drafter (resumable)"), "drafter")
     _add_train_flags(steps.add_parser("head", help="train a TreeFlash head on a trained drafter (resumable)"), "head")
     return parser

@@ -294,10 +294,11 @@ class Drafter(nn.Module):
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, p.dtype, p.device)
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin [n, head_dim] in the drafter's dtype, always computed in float32: a bfloat16 drafter would
-        otherwise round its inverse frequencies and misplace every position beyond a few hundred."""
+        """cos, sin [..., n, head_dim] for positions [..., n] in the drafter's dtype, always computed in float32:
+        a bfloat16 drafter would otherwise round its inverse frequencies and misplace every position beyond a
+        few hundred."""
         inv_freq = self._inv_freq.to(positions.device)
-        angles = positions[:, None].float() * inv_freq[None, :]
+        angles = positions[..., None].float() * inv_freq
         emb = torch.cat((angles, angles), dim=-1)
         scaling, dtype = self.rotary_emb.attention_scaling, self.fc.weight.dtype
         return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
@@ -340,38 +341,46 @@ class Drafter(nn.Module):
         cache: KVCache | None,
         context_mask: Tensor | None = None,
     ) -> Tensor:
-        """The drafter layers over one block (or several, in training).
+        """The drafter layers over one block (or several, in training), optionally for a batch of sequences.
 
-        block_embeds [n, H] with positions [n]; context [c, H] fused features with positions [c], appended
-        to `cache` if one is given (their keys/values are then committed; the block's never are).
-        context_mask [n, (cached) + c + n] bool, None = every block row sees everything (inference).
-        Returns the block's hidden states [n, H] before the final norm.
+        block_embeds [(S,) n, H] with positions [(S,) n]; context [(S,) c, H] fused features with positions
+        [(S,) c], appended to `cache` if one is given (unbatched only; their keys/values are then committed,
+        the block's never are). context_mask [(S,) n, (cached) + c + n] bool, None = every block row sees
+        everything (inference). Returns the block's hidden states [(S,) n, H] before the final norm.
         """
-        n, c = block_embeds.shape[0], context.shape[0]
-        cos, sin = self.rotary(torch.cat((context_positions, block_positions)))
+        batched = block_embeds.dim() == 3
+        if not batched:
+            block_embeds, block_positions, context, context_positions = (
+                t[None] for t in (block_embeds, block_positions, context, context_positions))
+            context_mask = None if context_mask is None else context_mask[None]
+        elif cache is not None:
+            raise ValueError("a drafter cache holds one sequence; batched blocks train without one")
+        S, n, c = block_embeds.shape[0], block_embeds.shape[1], context.shape[1]
+        cos, sin = self.rotary(torch.cat((context_positions, block_positions), dim=1))  # [S, c+n, d]
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        mask = None if context_mask is None else context_mask[:, None]  # [S, 1, n, c+n]
         maps = self.maps()
         h = block_embeds
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            kv_input = torch.cat((context, x), dim=0)  # [c + n, H]: context features are not re-normed
+            kv_input = torch.cat((context, x), dim=1)  # [S, c + n, H]: context features are not re-normed
             k, v = maps.kv[index].split(kv_input)
-            q = attn.q_norm(maps.q[index](x).view(n, -1, attn.head_dim)).transpose(0, 1)
-            k = attn.k_norm(k.view(c + n, -1, attn.head_dim)).transpose(0, 1)
-            v = v.view(c + n, -1, attn.head_dim).transpose(0, 1)
-            q = apply_rotary(q, cos[c:], sin[c:])
+            q = attn.q_norm(maps.q[index](x).view(S, n, -1, attn.head_dim)).transpose(1, 2)
+            k = attn.k_norm(k.view(S, c + n, -1, attn.head_dim)).transpose(1, 2)
+            v = v.view(S, c + n, -1, attn.head_dim).transpose(1, 2)
+            q = apply_rotary(q, cos[:, :, c:], sin[:, :, c:])
             k = apply_rotary(k, cos, sin)
             if cache is not None:
-                k, v = cache.write(index, k, v)
-            out = F.scaled_dot_product_attention(
-                q[None], k[None], v[None], attn_mask=context_mask, scale=attn.scaling, enable_gqa=True
-            )[0]
-            h = h + maps.o[index](out.transpose(0, 1).reshape(n, -1))
+                k, v = cache.write(index, k[0], v[0])
+                k, v = k[None], v[None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+            h = h + maps.o[index](out.transpose(1, 2).reshape(S, n, -1))
             gate, up = maps.gate_up[index].split(layer.post_attention_layernorm(h))
             h = h + maps.down[index](layer.mlp.act_fn(gate) * up)
         if cache is not None:
             cache.advance(c)
-        return h
+        return h if batched else h[0]
 
     @torch.inference_mode()
     def draft(self, target: Target, anchor: int, new_features: Tensor, cache: KVCache) -> BlockDraft:

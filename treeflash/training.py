@@ -36,7 +36,14 @@ from .drafters import Drafter, check_compatible, save_drafter
 from .errors import TreeFlashError
 from .targets import Target
 
+# The default drafter shape for `treeflash train drafter` (chosen by measured tokens/s on a 2-core CPU; see
+# training/README.md): depth, block size and how many target layers it reads.
+DEFAULT_LAYERS = 1
+DEFAULT_BLOCK_SIZE = 8
+DEFAULT_TARGET_LAYERS = 5
+
 STAGES = ("drafter", "head")
+LOSSES = ("ce", "kl", "ce+kl")
 STATE_FILE = "trainer_state.pt"
 DRAFTER_DIR = "drafter"
 
@@ -99,17 +106,56 @@ def block_attention_mask(anchors: Tensor, block_size: int, context_length: int) 
     return torch.cat((context, own), dim=1)
 
 
+@dataclasses.dataclass
+class Example:
+    """One sequence's share of a training batch: its tokens, target features and sampled blocks."""
+
+    tokens: Tensor  # [L] int64
+    features: Tensor  # [L, k*H] float32: outputs of the drafter's target layers
+    final: Tensor  # [L, H] float32: the target's final normed states (its logits are lm_head of these)
+    anchors: Tensor  # [A] int64, sorted
+    blocks: Blocks  # A blocks of b entries
+
+
+def batch_hidden(drafter: Drafter, target: Target, examples: list[Example]) -> list[Tensor]:
+    """The drafter's pre-norm hidden states of every example's blocks, all in ONE padded pass.
+
+    Each sequence's blocks see only their own context (block-sparse mask, as in `block_attention_mask`); pad
+    rows see only themselves. Returns one [A_i*b, H] tensor per example."""
+    device = target.device
+    b = drafter.block_size
+    S = len(examples)
+    lengths = [e.tokens.numel() for e in examples]
+    sizes = [e.blocks.tokens.numel() for e in examples]
+    L, n = max(lengths), max(sizes)
+    width = examples[0].features.shape[1]
+    features = torch.zeros(S, L, width, dtype=examples[0].features.dtype)
+    block_tokens = torch.full((S, n), drafter.config.mask_token_id, dtype=torch.long)
+    positions = torch.zeros(S, n, dtype=torch.long)
+    mask = torch.zeros(S, n, L + n, dtype=torch.bool)
+    mask[:, torch.arange(n), L + torch.arange(n)] = True  # pad rows: themselves (real rows are overwritten)
+    for i, e in enumerate(examples):
+        features[i, : lengths[i]] = e.features
+        block_tokens[i, : sizes[i]] = e.blocks.tokens
+        positions[i, : sizes[i]] = e.blocks.positions
+        own = block_attention_mask(e.anchors, b, lengths[i])  # [n_i, L_i + n_i]
+        mask[i, : sizes[i]] = False
+        mask[i, : sizes[i], : lengths[i]] = own[:, : lengths[i]]
+        mask[i, : sizes[i], L: L + sizes[i]] = own[:, lengths[i]:]
+    dtype = drafter.fc.weight.dtype
+    context = drafter.fuse(features.to(device=device, dtype=dtype))
+    embeds = target.embed_tokens(block_tokens.to(device)).to(context.dtype)
+    context_positions = torch.arange(L, device=device).expand(S, L)
+    hidden = drafter.forward_block(embeds, positions.to(device), context, context_positions, cache=None,
+                                   context_mask=mask.to(device))
+    return [hidden[i, : sizes[i]] for i in range(S)]
+
+
 def drafter_hidden(drafter: Drafter, target: Target, tokens: Tensor, blocks: Blocks, anchors: Tensor,
                    features: Tensor) -> Tensor:
-    """The drafter's pre-norm hidden states [A*b, H] for all blocks, in one pass.
-
-    features: [L, k*H] target layer outputs of the whole sequence (no grad)."""
-    L = tokens.numel()
-    context = drafter.fuse(features)
-    embeds = target.embed_tokens(blocks.tokens).to(context.dtype)
-    mask = block_attention_mask(anchors, drafter.block_size, L).to(context.device)
-    return drafter.forward_block(embeds, blocks.positions.to(context.device), context,
-                                 torch.arange(L, device=context.device), cache=None, context_mask=mask)
+    """The drafter's pre-norm hidden states [A*b, H] of one sequence's blocks (features [L, k*H], no grad)."""
+    example = Example(tokens.cpu(), features.cpu(), torch.zeros(0), anchors.cpu(), blocks)
+    return batch_hidden(drafter, target, [example])[0]
 
 
 def target_pass(target: Target, drafter: Drafter, tokens: Tensor, logits: bool):
@@ -117,6 +163,49 @@ def target_pass(target: Target, drafter: Drafter, tokens: Tensor, logits: bool):
     out = target.forward(tokens, torch.arange(tokens.numel(), device=tokens.device), target.new_cache(tokens.numel()),
                          feature_layers=drafter.config.target_layer_ids, logits_rows=slice(None) if logits else None)
     return out.features.clone(), (out.logits.clone() if logits else None)
+
+
+class OnlineFeatures:
+    """Target features computed when asked: one target pass per sequence (no cache on disk)."""
+
+    def __init__(self, target: Target, layers: tuple[int, ...]):
+        self.target, self.layers = target, tuple(layers)
+
+    def __call__(self, seq: Sequence, length: int) -> tuple[Tensor, Tensor]:
+        """(features [length, k*H], final [length, H]), float32 on the CPU."""
+        from .features import sequence_features
+
+        tokens = torch.tensor(seq.tokens[:length], device=self.target.device)
+        features, final = sequence_features(self.target, tokens, self.layers)
+        return features.float().cpu().clone(), final.float().cpu().clone()
+
+
+class CachedFeatures:
+    """Target features read from a feature cache (see `treeflash.features`)."""
+
+    def __init__(self, cache, layers: tuple[int, ...]):
+        self.cache, self.layers = cache, tuple(layers)
+
+    def __call__(self, seq, length: int) -> tuple[Tensor, Tensor]:
+        return self.cache.features(seq, self.layers, length), self.cache.final(seq, length)
+
+
+def make_example(seq: Sequence, source, config: "TrainConfig", drafter: Drafter,
+                 generator: torch.Generator) -> Example | None:
+    """Sample a sequence's anchors and build its blocks (None if no anchor fits)."""
+    tokens = torch.tensor(seq.tokens[: config.max_length])
+    anchors = sample_anchors(seq.prompt_length, tokens.numel(), config.anchors, generator)
+    if anchors.numel() == 0:
+        return None
+    features, final = source(seq, tokens.numel())
+    blocks = make_blocks(tokens, anchors, drafter.block_size, drafter.config.mask_token_id)
+    return Example(tokens, features, final, anchors, blocks)
+
+
+def target_logits(drafter: Drafter, target: Target, final: Tensor) -> Tensor:
+    """The target's logits [R, Vd] over the drafter's (draft) vocabulary from its final normed states [R, H]."""
+    rows, _ = drafter._head(target, torch.float32)
+    return F.linear(final.to(rows.device, rows.dtype), rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +252,7 @@ def initialize_from_target(drafter: Drafter, target: Target) -> list[str]:
 
 @torch.no_grad()
 def feature_scale(drafter: Drafter, target: Target, sequences: list[Sequence], count: int = 16,
-                  max_length: int = 1024) -> Tensor:
+                  max_length: int = 1024, source=None) -> Tensor:
     """Per-input scale of the drafter's `fc` [k*H]: the power of two nearest 1 / RMS of each target feature
     over the first `count` sequences (first tokens skipped: they are attention sinks).
 
@@ -172,10 +261,10 @@ def feature_scale(drafter: Drafter, target: Target, sequences: list[Sequence], c
     context position looks alike. Training `fc` behind this fixed scale balances the inputs, and Adam's steps
     are then the same size relative to every input. Powers of two make folding it into the weights exact.
     """
+    source = source or OnlineFeatures(target, drafter.config.target_layer_ids)
     total, n = None, 0
     for seq in sequences[:count]:
-        tokens = torch.tensor(seq.tokens[:max_length], device=target.device)
-        features, _ = target_pass(target, drafter, tokens, logits=False)
+        features, _ = source(seq, min(max_length, len(seq.tokens)))
         x = features[1:].double()
         total = x.pow(2).sum(0) if total is None else total + x.pow(2).sum(0)
         n += x.shape[0]
@@ -211,12 +300,12 @@ class TrainConfig:
     warmup: float = 0.04  # share of steps with linear warm-up, then cosine decay to 0
     weight_decay: float = 0.01  # AdamW
     grad_clip: float = 1.0  # max gradient norm
-    batch_size: int = 1  # sequences per optimizer step
+    batch_size: int = 8  # sequences per optimizer step, in one padded drafter pass
     anchors: int = 32  # anchors (blocks) per sequence (DFlash: 512 on GPUs)
     max_length: int = 1024  # tokens per sequence, longer ones are cut
     max_sequences: int | None = None  # use the first N sequences of the data (pins a run while data grows)
     gamma: float | None = None  # position-weight decay; None = by block size (7 for b = 16)
-    loss: str | None = None  # "ce" or "kl"; None = ce for the drafter, kl for the head
+    loss: str | None = None  # "ce", "kl" or "ce+kl" (their mean); None = ce for the drafter, kl for the head
     finetune_backbone: bool = False  # head stage: also train the backbone
     balance_features: bool = True  # train fc behind a fixed per-input scale (see feature_scale) when it trains
     val_sequences: int = 32  # held out from the data for validation
@@ -224,14 +313,19 @@ class TrainConfig:
     save_every: int = 200  # steps between checkpoints
     seed: int = 0  # data order, anchors, validation split
     precision: str = "float32"  # or "bfloat16": autocast matmuls (fp32 master weights); ~3x faster on AMX CPUs
+    features: str | None = None  # a feature cache (`treeflash train features`) to read instead of running the target
+    time_budget: float | None = None  # minutes: the schedule spans this much training time instead of `epochs`
+    # (runs of equal time compare recipes fairly; a resumed run continues the clock, but is not bit-exact)
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise TreeFlashError(f"unknown training stage {self.stage!r}; choose drafter or head")
         if self.loss is None:
             self.loss = "ce" if self.stage == "drafter" else "kl"
-        if self.loss not in ("ce", "kl"):
-            raise TreeFlashError(f"unknown loss {self.loss!r}; choose ce or kl")
+        if self.loss not in LOSSES:
+            raise TreeFlashError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise TreeFlashError(f"time budget must be > 0 minutes; got {self.time_budget}")
         for name in ("epochs", "lr"):
             if not getattr(self, name) > 0:
                 raise TreeFlashError(f"{name} must be > 0; got {getattr(self, name)}")
@@ -248,7 +342,16 @@ def autocast(config: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16")
 
 
+def learning_rate_at(progress: float, config: TrainConfig) -> float:
+    """The same schedule for a time-budgeted run, at `progress` = training seconds / budget in [0, 1]."""
+    if progress < config.warmup:
+        return config.lr * max(progress / config.warmup, 1e-3)
+    rest = (progress - config.warmup) / (1 - config.warmup)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, rest)))
+
+
 def learning_rate(step: int, total: int, config: TrainConfig) -> float:
+    """Linear warm-up over the first `warmup` share of the steps, then cosine decay to 0."""
     warm = max(1, round(config.warmup * total))
     if step < warm:
         return config.lr * (step + 1) / warm
@@ -266,79 +369,119 @@ def trainable_parameters(drafter: Drafter, config: TrainConfig) -> list[torch.nn
     return head + backbone if config.finetune_backbone else head
 
 
-def sequence_loss(drafter: Drafter, target: Target, seq: Sequence, config: TrainConfig, generator: torch.Generator,
-                  weights: Tensor) -> tuple[Tensor, int] | None:
-    """Weighted loss of one sequence's blocks, and the number of labelled entries (None if no anchor fits)."""
+def labelled_rows(drafter: Drafter, target: Target, example: Example) -> tuple[Tensor, Tensor]:
+    """Block entries that carry a loss: (row indices [R], their labels as drafter-logit columns [R]). With a
+    draft vocabulary, tokens outside it are not trained on."""
+    columns = drafter.draft_index(target.vocab_size).cpu()[example.blocks.labels.clamp(min=0)]
+    rows = ((example.blocks.labels >= 0) & (columns >= 0)).nonzero().flatten()
+    return rows, columns[rows]
+
+
+def row_losses(logits: Tensor, labels: Tensor, reference: Tensor | None, loss: str) -> Tensor:
+    """Per-row loss [R]: cross-entropy on the true token, forward KL(target || drafter) to the target's logits
+    `reference` [R, Vd], or their mean ("ce+kl")."""
+    parts = []
+    if loss in ("ce", "ce+kl"):
+        parts.append(F.cross_entropy(logits.float(), labels, reduction="none"))
+    if loss in ("kl", "ce+kl"):
+        p_log = torch.log_softmax(reference.float(), -1)
+        parts.append((p_log.exp() * (p_log - torch.log_softmax(logits.float(), -1))).sum(-1))
+    return sum(parts) / len(parts)
+
+
+def batch_loss(drafter: Drafter, target: Target, examples: list[Example], config: TrainConfig,
+               weights: Tensor) -> tuple[Tensor, int]:
+    """Weighted loss of a batch's blocks (one drafter pass), and the number of labelled entries."""
     device = target.device
-    tokens = torch.tensor(seq.tokens[: config.max_length], device=device)
-    anchors = sample_anchors(seq.prompt_length, tokens.numel(), config.anchors, generator)
-    if anchors.numel() == 0:
-        return None
-    blocks = make_blocks(tokens.cpu(), anchors, drafter.block_size, drafter.config.mask_token_id)
-    need_target_logits = config.stage == "head" and config.loss == "kl"
-    features, target_logits = target_pass(target, drafter, tokens, need_target_logits)
-    features = features.float()  # the drafter's master weights stay float32 (autocast lowers its matmuls)
-    # Labels as columns of the drafter's logits; with a draft vocabulary, tokens outside it are not trained on.
-    columns = drafter.draft_index(target.vocab_size).cpu()[blocks.labels.clamp(min=0)]
-    rows = ((blocks.labels >= 0) & (columns >= 0)).nonzero().flatten()
-    if rows.numel() == 0:
-        return None
-    labels = columns[rows].to(device)
-    w = weights[blocks.offsets[rows]].to(device)
+    with torch.set_grad_enabled(config.stage == "drafter" or config.finetune_backbone):
+        hidden = batch_hidden(drafter, target, examples)
+    picked, labels, w, parents, finals = [], [], [], [], []
+    for e, h in zip(examples, hidden):
+        rows, columns = labelled_rows(drafter, target, e)
+        picked.append(h[rows.to(device)])
+        labels.append(columns)
+        w.append(weights[e.blocks.offsets[rows]])
+        parents.append(e.blocks.parents[rows])
+        if config.loss != "ce":  # the target's distribution at each row's position, from the token before it
+            finals.append(e.final[e.blocks.positions[rows] - 1])
+    hidden, labels, w = torch.cat(picked), torch.cat(labels).to(device), torch.cat(w).to(device)
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0, 0
+    reference = target_logits(drafter, target, torch.cat(finals)) if finals else None
     if config.stage == "drafter":
-        hidden = drafter_hidden(drafter, target, tokens, blocks, anchors.to(device), features)[rows.to(device)]
-        per_row = F.cross_entropy(drafter.logits(target, hidden), labels, reduction="none")
+        logits = drafter.logits(target, hidden)
     else:
-        with torch.set_grad_enabled(config.finetune_backbone):
-            hidden = drafter_hidden(drafter, target, tokens, blocks, anchors.to(device), features)[rows.to(device)]
-        logits = drafter.conditional_logits(target, hidden, blocks.parents[rows].to(device))
-        if config.loss == "kl":
-            p = target_logits[(blocks.positions[rows] - 1).to(device)].float()
-            if drafter.draft_vocab is not None:  # the target's distribution restricted to the draft vocabulary
-                p = p[:, drafter.draft_vocab]
-            p_log = torch.log_softmax(p, -1)
-            per_row = (p_log.exp() * (p_log - torch.log_softmax(logits.float(), -1))).sum(-1)
-        else:
-            per_row = F.cross_entropy(logits, labels, reduction="none")
-    return (per_row * w).sum() / w.sum(), rows.numel()
+        logits = drafter.conditional_logits(target, hidden, torch.cat(parents).to(device))
+    per_row = row_losses(logits, labels, reference, config.loss)
+    return (per_row * w).sum() / w.sum(), hidden.shape[0]
 
 
 @torch.no_grad()
-def evaluate(drafter: Drafter, target: Target, sequences: list[Sequence], config: TrainConfig) -> dict:
-    """Per-position top-1 agreement with the target's greedy token, and the expected tau of a chain drafted
-    from those argmaxes (1 + the number of leading agreements, averaged over blocks), for the marginals and,
-    with a head, the teacher-forced conditionals."""
+def evaluate(drafter: Drafter, target: Target, sequences: list[Sequence], config: TrainConfig,
+             source=None, reference: str = "target") -> dict:
+    """Teacher-forced validation on held-out sequences.
+
+    Per block position k (1..b-1): top-1 agreement with the target's greedy token given the true prefix, for
+    the marginals and, with a head, the conditionals; the expected tau of a chain drafted from those argmaxes
+    (1 + the number of leading agreements, averaged over blocks); and the **anchor sensitivity**: the mean
+    KL between the position-1 marginal and the same marginal with the anchor token replaced by another token
+    of the sequence. A drafter that ignores its anchor has a sensitivity near 0 and a flat profile.
+
+    reference: "target" compares with the target's greedy token (what verification accepts); "labels" with
+    the data's own next token (for data the target did not generate)."""
+    if reference not in ("target", "labels"):
+        raise ValueError(f"reference must be target or labels; got {reference!r}")
+    source = source or OnlineFeatures(target, drafter.config.target_layer_ids)
     b = drafter.block_size
     generator = torch.Generator().manual_seed(12345)  # the same blocks at every validation
+    swaps = torch.Generator().manual_seed(54321)  # and the same anchor replacements
     hits = {"marginal": torch.zeros(b - 1), "conditional": torch.zeros(b - 1)}
     counts = torch.zeros(b - 1)
-    taus = {"marginal": [], "conditional": []}
+    taus: dict[str, list] = {"marginal": [], "conditional": []}
+    sensitivity = []
+    names = ["marginal"] + (["conditional"] if drafter.ar_approximation is not None else [])
     for seq in sequences:
-        tokens = torch.tensor(seq.tokens[: config.max_length], device=target.device)
-        anchors = sample_anchors(seq.prompt_length, tokens.numel(), config.anchors, generator)
-        if anchors.numel() == 0:
+        e = make_example(seq, source, config, drafter, generator)
+        if e is None:
             continue
-        blocks = make_blocks(tokens.cpu(), anchors, b, drafter.config.mask_token_id)
-        features, target_logits = target_pass(target, drafter, tokens, logits=True)
-        hidden = drafter_hidden(drafter, target, tokens, blocks, anchors.to(target.device), features)
-        # The target's greedy token at each block position, given the true prefix.
-        greedy = target_logits[(blocks.positions - 1).clamp(max=tokens.numel() - 1)].argmax(-1).cpu()
-        valid = (blocks.labels >= 0).view(-1, b)[:, 1:]
-        drafts = {"marginal": drafter.token_ids(drafter.logits(target, hidden).argmax(-1)).cpu()}
+        L = e.tokens.numel()
+        swapped = dataclasses.replace(e, blocks=dataclasses.replace(e.blocks, tokens=e.blocks.tokens.clone()))
+        first = torch.arange(0, e.blocks.tokens.numel(), b)
+        shift = torch.randint(1, L, (first.numel(),), generator=swaps)
+        replacement = e.tokens[(e.anchors + shift) % L]
+        same = replacement == e.blocks.tokens[first]
+        replacement[same] = e.tokens[(e.anchors[same] + 1) % L]
+        swapped.blocks.tokens[first] = replacement
+        hidden, hidden_swapped = batch_hidden(drafter, target, [e, swapped])
+        if reference == "target":  # the target's greedy token at each position, given the true prefix
+            greedy = F.linear(e.final[(e.blocks.positions - 1).clamp(max=L - 1)].to(target.lm_head.weight),
+                              target.lm_head.weight).argmax(-1).cpu()
+        else:
+            greedy = e.blocks.labels
+        valid = (e.blocks.labels >= 0).view(-1, b)[:, 1:]
+        marginal = drafter.logits(target, hidden)
+        drafts = {"marginal": drafter.token_ids(marginal.argmax(-1)).cpu()}
         if drafter.ar_approximation is not None:
-            conditional = drafter.conditional_logits(target, hidden, blocks.parents.to(target.device))
+            conditional = drafter.conditional_logits(target, hidden, e.blocks.parents.to(target.device))
             drafts["conditional"] = drafter.token_ids(conditional.argmax(-1)).cpu()
+        p_log = torch.log_softmax(marginal[first + 1].float(), -1)
+        q_log = torch.log_softmax(drafter.logits(target, hidden_swapped[first + 1]).float(), -1)
+        sensitivity += (p_log.exp() * (p_log - q_log)).sum(-1)[valid[:, 0].to(p_log.device)].tolist()
         for name, tokens_drafted in drafts.items():
-            agree = ((tokens_drafted == greedy).view(-1, b)[:, 1:] & valid)
+            agree = (tokens_drafted == greedy).view(-1, b)[:, 1:] & valid
             hits[name] += agree.float().sum(0)
-            leading = agree.int().cumprod(dim=1).sum(dim=1)
-            taus[name] += (1 + leading).tolist()
+            taus[name] += (1 + agree.int().cumprod(dim=1).sum(dim=1)).tolist()
         counts += valid.float().sum(0)
-    result = {}
-    for name in drafts:
+    result = {"anchor_sensitivity": sum(sensitivity) / max(1, len(sensitivity))}
+    for name in names:
         result[f"{name}_top1"] = (hits[name] / counts.clamp(min=1)).tolist()
         result[f"{name}_chain_tau"] = sum(taus[name]) / max(1, len(taus[name]))
     return result
+
+
+def profile(top1: list[float], every: int = 1) -> str:
+    """A per-position top-1 profile for a log line: '.47 .32 .22 ...'."""
+    return " ".join(f"{x:.2f}".lstrip("0") for x in top1[::every])
 
 
 def _check_disk(path: Path, need_bytes: int) -> None:
@@ -348,11 +491,13 @@ def _check_disk(path: Path, need_bytes: int) -> None:
                              f"{free >> 20} MB are free; free some space or choose another --out")
 
 
-def save_checkpoint(out: Path, drafter: Drafter, optimizer, step: int, generator: torch.Generator, meta: dict) -> None:
+def save_checkpoint(out: Path, drafter: Drafter, optimizer, step: int, generator: torch.Generator, meta: dict,
+                    seconds: float = 0.0) -> None:
     size = sum(p.numel() * p.element_size() for p in drafter.parameters())
     _check_disk(out, 3 * size)
     save_drafter(drafter, out / DRAFTER_DIR, extra={"training": meta})
-    state = {"step": step, "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "meta": meta}
+    state = {"step": step, "seconds": seconds, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+             "meta": meta}
     tmp = out / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
     tmp.replace(out / STATE_FILE)
@@ -361,7 +506,7 @@ def save_checkpoint(out: Path, drafter: Drafter, optimizer, step: int, generator
 def train(
     drafter: Drafter,
     target: Target,
-    sequences: list[Sequence],
+    sequences: list[Sequence] | None,
     config: TrainConfig,
     out: str | Path,
     max_steps: int | None = None,
@@ -371,14 +516,26 @@ def train(
 ) -> dict:
     """Train `drafter` in place, checkpointing to `out` (resumes from it when a checkpoint is there).
 
-    `fresh_fc`: the drafter is new, so its `fc` weights start as they are behind the feature scale (see
-    feature_scale) instead of the scale being undone in them.
-
+    sequences: the training data; None with `config.features` trains on the cached sequences.
+    `fresh_fc`: the drafter's `fc` is newly initialised, so its weights start as they are behind the feature
+    scale (see feature_scale) instead of the scale being undone in them.
     `max_steps` stops early (for sittings; the schedule still spans the whole run). Returns the last metrics.
     """
     from tqdm.auto import tqdm
 
     check_compatible(drafter, target)
+    layers = drafter.config.target_layer_ids
+    if config.features:
+        from .features import FeatureCache
+
+        cache = FeatureCache(config.features)
+        cache.check(target, layers)
+        sequences = cache.sequences
+        source = CachedFeatures(cache, layers)
+    else:
+        source = OnlineFeatures(target, layers)
+    if not sequences:
+        raise TreeFlashError("no training sequences; pass data or a feature cache")
     if config.max_sequences is not None:
         sequences = sequences[: config.max_sequences]
     out = Path(out)
@@ -390,12 +547,13 @@ def train(
     train_set = [sequences[i] for i in order[n_val:]]
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total = max(1, math.ceil(config.epochs * steps_per_epoch))
+    budget = None if config.time_budget is None else 60.0 * config.time_budget
     meta = {"config": dataclasses.asdict(config), "train_sequences": len(train_set), "val_sequences": n_val,
             "total_steps": total}
 
     scale = None
     if config.balance_features and (config.stage == "drafter" or config.finetune_backbone):
-        scale = feature_scale(drafter, target, sequences, max_length=config.max_length)
+        scale = feature_scale(drafter, target, sequences, max_length=config.max_length, source=source)
         scale_features(drafter, scale, keep_weights=fresh_fc)
     params = trainable_parameters(drafter, config)
     for p in drafter.parameters():
@@ -404,7 +562,7 @@ def train(
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    step = 0
+    step, elapsed = 0, 0.0
     state_file = out / STATE_FILE
     if state_file.exists():
         from .drafters import load_drafter
@@ -418,55 +576,65 @@ def train(
         scale_features(drafter, scale)
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        step = state["step"]
-        log(f"resuming {out} at step {step}/{total}")
+        step, elapsed = state["step"], state.get("seconds", 0.0)
+        log(f"resuming {out} at step {step}" + (f", {elapsed / 60:.1f} of {config.time_budget} minutes" if budget
+                                                 else f"/{total}"))
 
     weights = position_weights(drafter.block_size, config.gamma or default_gamma(drafter.block_size))
     drafter.train()
     stop = total if max_steps is None else min(total, step + max_steps)
-    bar = tqdm(total=total, initial=step, desc=f"training {config.stage}", unit="step", disable=not progress)
+    if budget is not None:
+        stop = math.inf if max_steps is None else step + max_steps
+    bar = tqdm(total=None if budget else total, initial=step, desc=f"training {config.stage}", unit="step",
+               disable=not progress)
     metrics: dict = {}
     log_file = out / "log.jsonl"
-    started = time.perf_counter()
-    while step < stop:
+    started = time.perf_counter() - elapsed
+
+    def finished() -> bool:
+        return step >= stop or (budget is not None and time.perf_counter() - started >= budget)
+
+    while not finished():
         epoch, index = divmod(step * config.batch_size, len(train_set))
         epoch_order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed + 1000 + epoch))
-        lr = learning_rate(step, total, config)
+        lr = learning_rate_at((time.perf_counter() - started) / budget, config) if budget else learning_rate(step, total, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        total_loss, used = 0.0, 0
-        for i in range(config.batch_size):
-            seq = train_set[int(epoch_order[(index + i) % len(train_set)])]
+        batch = [train_set[int(epoch_order[(index + i) % len(train_set)])] for i in range(config.batch_size)]
+        examples = [e for e in (make_example(seq, source, config, drafter, generator) for seq in batch) if e is not None]
+        loss, rows = torch.zeros(()), 0
+        if examples:
             with autocast(config, target.device):
-                result = sequence_loss(drafter, target, seq, config, generator, weights)
-            if result is None:
-                continue
-            loss, _ = result
-            (loss / config.batch_size).backward()
-            total_loss += float(loss.detach())
-            used += 1
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)) if used else 0.0
+                loss, rows = batch_loss(drafter, target, examples, config, weights)
+            if rows:
+                loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)) if rows else 0.0
         optimizer.step()
         step += 1
         bar.update(1)
-        record = {"step": step, "loss": total_loss / max(used, 1), "lr": lr, "grad_norm": grad_norm,
-                  "seconds": time.perf_counter() - started}
+        record = {"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm,
+                  "sequences": len(examples), "rows": rows, "seconds": time.perf_counter() - started}
         bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if step % config.eval_every == 0 or step == stop:
+        if step % config.eval_every == 0 or finished():
             drafter.eval()
+            evaluation_started = time.perf_counter()
             with autocast(config, target.device):
-                metrics = evaluate(drafter, target, val, config)
+                metrics = evaluate(drafter, target, val, config, source)
+            started += time.perf_counter() - evaluation_started  # the clock (and the budget) counts training only
             drafter.train()
             record.update(metrics)
-            key = "conditional_chain_tau" if config.stage == "head" else "marginal_chain_tau"
-            log(f"step {step}/{total}: loss {record['loss']:.3f}, val {key} {metrics.get(key, float('nan')):.3f}")
+            name = "conditional" if config.stage == "head" else "marginal"
+            log(f"step {step}: loss {record['loss']:.3f}, val {name} chain tau {metrics[f'{name}_chain_tau']:.3f}, "
+                f"top-1 by position {profile(metrics[f'{name}_top1'])}, anchor sensitivity "
+                f"{metrics['anchor_sensitivity']:.3g}")
         with open(log_file, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if step % config.save_every == 0 or step == stop:
-            save_checkpoint(out, drafter, optimizer, step, generator, meta)
+        if step % config.save_every == 0 or finished():
+            save_checkpoint(out, drafter, optimizer, step, generator, meta, time.perf_counter() - started)
     bar.close()
     scale_features(drafter, None)
     drafter.eval()
     drafter.requires_grad_(False)
-    return {"step": step, "total_steps": total, **metrics}
+    complete = step >= total if budget is None else time.perf_counter() - started >= budget
+    return {"step": step, "total_steps": total if budget is None else step, "complete": complete, **metrics}

@@ -1,0 +1,105 @@
+"""The target-feature cache: what it stores, resuming, errors, and training from it."""
+
+import json
+import shutil
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+
+from treeflash.errors import TreeFlashError
+from treeflash.features import FeatureCache, build_feature_cache, sequence_features
+from treeflash.training import TrainConfig, target_pass, train
+
+from helpers import tiny_drafter, tiny_target
+from test_training import _fresh, _sequences
+
+
+def test_cache_holds_the_target_features_and_its_logits(tmp_path):
+    target = tiny_target("llama", dtype=torch.float32)
+    data = _sequences(target, count=5)
+    counts = build_feature_cache(target, data, tmp_path / "c", layers=(1, 2, 4), shard_sequences=2, progress=False)
+    assert counts == {"sequences": 5, "tokens": 5 * 24, "shards": 3, "written_now": 3}
+    cache = FeatureCache(tmp_path / "c")
+    assert [s.id for s in cache.sequences] == [s.id for s in data]
+    assert [s.tokens for s in cache.sequences] == [s.tokens for s in data]
+    assert [s.prompt_length for s in cache.sequences] == [s.prompt_length for s in data]
+    drafter = tiny_drafter(target)  # reads layers (1, 2, 4)
+    for cached, seq in zip(cache.sequences, data):
+        features, logits = target_pass(target, drafter, torch.tensor(seq.tokens), logits=True)
+        torch.testing.assert_close(cache.features(cached, (1, 2, 4)), features, atol=2e-3, rtol=2e-3)
+        # A subset of the layers, in another order, is a column selection.
+        H = target.hidden_size
+        torch.testing.assert_close(cache.features(cached, (4, 1), length=7),
+                                   torch.cat((features[:7, 2 * H:], features[:7, :H]), dim=1), atol=2e-3, rtol=2e-3)
+        # The final state gives the target's logits (float16 storage: close, and the same greedy tokens).
+        recomputed = cache.final(cached) @ target.lm_head.weight.T
+        torch.testing.assert_close(recomputed, logits, atol=0.05, rtol=0.01)
+        assert torch.equal(recomputed.argmax(-1), logits.argmax(-1))
+
+
+def test_cache_resumes_at_the_first_unfinished_shard(tmp_path):
+    target = tiny_target("llama", dtype=torch.float32)
+    data = _sequences(target, count=5)
+    out = tmp_path / "c"
+    build_feature_cache(target, data[:3], out, layers=(1, 2), shard_sequences=2, progress=False)
+    first = np.load(out / "shard-00000.features.npy").copy()
+    (out / "shard-00001.json").unlink()  # interrupted before the second shard's index was written
+    counts = build_feature_cache(target, data, out, layers=(1, 2), shard_sequences=2, progress=False)
+    assert counts["written_now"] == 2  # shard 1 again (now with 2 sequences) and the new shard 2
+    assert np.array_equal(np.load(out / "shard-00000.features.npy"), first)
+    assert len(FeatureCache(out).sequences) == 5
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_cache_errors_are_clear(tmp_path, monkeypatch):
+    target = tiny_target("llama", dtype=torch.float32)
+    data = _sequences(target, count=3)
+    with pytest.raises(TreeFlashError, match="not all layers"):
+        build_feature_cache(target, data, tmp_path / "a", layers=(1, 9), progress=False)
+    build_feature_cache(target, data, tmp_path / "b", layers=(1, 2), progress=False)
+    with pytest.raises(TreeFlashError, match="other settings"):
+        build_feature_cache(target, data, tmp_path / "b", layers=(1, 3), progress=False)
+    with pytest.raises(TreeFlashError, match="not a feature cache"):
+        FeatureCache(tmp_path / "nothing")
+    cache = FeatureCache(tmp_path / "b")
+    with pytest.raises(TreeFlashError, match="holds target layers"):
+        cache.check(target, (1, 4))
+    with pytest.raises(TreeFlashError, match="not shaped like"):
+        cache.check(tiny_target("llama", dtype=torch.float32, vocab=50), (1, 2))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 4096))
+    with pytest.raises(TreeFlashError, match="GiB are free"):
+        build_feature_cache(target, data, tmp_path / "d", layers=(1, 2), progress=False)
+    assert not list((tmp_path / "d").glob("shard-*"))  # nothing half-written
+
+
+def test_training_from_the_cache_matches_training_online(tmp_path):
+    """The cache changes where features come from, not what is trained: the same run online and from the
+    cache logs the same losses up to float16 rounding of the features."""
+    target = tiny_target("llama", dtype=torch.float32)
+    data = _sequences(target)
+    build_feature_cache(target, data, tmp_path / "c", layers=(1, 2, 4), progress=False)
+    config = dict(epochs=2, lr=3e-3, anchors=6, val_sequences=2, eval_every=1000, save_every=1000, batch_size=2,
+                  loss="ce+kl")
+    train(_fresh(target), target, data, TrainConfig(**config), tmp_path / "online", progress=False, log=lambda m: None)
+    cached = train(_fresh(target), target, None, TrainConfig(**config, features=str(tmp_path / "c")),
+                   tmp_path / "cached", progress=False, log=lambda m: None)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("online", "cached")]
+    assert len(losses[0]) == len(losses[1]) == 4
+    np.testing.assert_allclose(losses[0], losses[1], rtol=2e-3)
+    assert cached["complete"] and 0 <= cached["anchor_sensitivity"]
+
+
+def test_sequence_features_are_the_requested_layers_and_the_final_state():
+    target = tiny_target("qwen3", dtype=torch.float64)
+    tokens = torch.arange(10)
+    features, final = sequence_features(target, tokens, (4, 1))
+    with torch.no_grad():
+        states = target.model(tokens[None], output_hidden_states=True).hidden_states
+    H = target.hidden_size
+    torch.testing.assert_close(features[:, :H], states[5][0])
+    torch.testing.assert_close(features[:, H:], states[2][0])
+    torch.testing.assert_close(final, states[-1][0])  # HF's last entry is after the final norm

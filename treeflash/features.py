@@ -1,0 +1,214 @@
+"""A disk cache of target features, so that drafter and head training never run the target.
+
+Training a drafter needs, for every token of every training sequence, the outputs of the chosen target
+layers (the drafter's context) and, for a KL loss, the target's distribution at that token. Computing them
+online costs one target pass per sequence per epoch, about as much as the drafter's own forward and
+backward on a CPU. `build_feature_cache` runs the target once over a data set and stores:
+
+  shard-NNNNN.tokens.npy    [T] int32      the tokens of the shard's sequences, back to back
+  shard-NNNNN.features.npy  [T, k*H] f16   outputs of the cached target layers, concatenated in their order
+  shard-NNNNN.final.npy     [T, H] f16     the target's last hidden state after its final norm: the target's
+                                           logits at a token are `lm_head(final)`, so any KL loss (full or
+                                           draft vocabulary) is exact up to float16 rounding of this input
+  shard-NNNNN.json          [{"id", "offset", "length", "prompt_length"}, ...]  written last: marks the shard done
+  cache.json                what was cached: target, layers, hidden size, the data it came from
+
+Shards are written to temporary names and renamed, so an interrupted run resumes at the first shard without
+its index. The arrays are memory-mapped when read: a cache larger than memory trains fine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import Sequence
+from .errors import TreeFlashError
+from .targets import Target
+
+CACHE_FILE = "cache.json"
+DEFAULT_SHARD_SEQUENCES = 256
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def bytes_per_token(num_layers: int, hidden_size: int) -> int:
+    """Disk cost of one cached token: k layers and the final state in float16, and its int32 id."""
+    return 2 * (num_layers + 1) * hidden_size + 4
+
+
+@torch.no_grad()
+def sequence_features(target: Target, tokens: Tensor, layers: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """One target pass over tokens [L]: (features [L, k*H] of `layers`, final [L, H] = final_norm(last layer))."""
+    last = target.num_layers - 1
+    wanted = tuple(layers) + ((last,) if last not in layers else ())
+    out = target.forward(tokens, torch.arange(tokens.numel(), device=tokens.device), target.new_cache(tokens.numel()),
+                         feature_layers=wanted, logits_rows=None)
+    H = target.hidden_size
+    features = out.features[:, : len(layers) * H]
+    final = target.final_norm(out.features[:, wanted.index(last) * H:(wanted.index(last) + 1) * H])
+    return features, final
+
+
+def build_feature_cache(
+    target: Target,
+    sequences: list[Sequence],
+    out: str | Path,
+    layers: tuple[int, ...],
+    shard_sequences: int = DEFAULT_SHARD_SEQUENCES,
+    source: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run `target` once over `sequences` and store their features in `out` (resumes where it stopped).
+
+    Returns counts: sequences, tokens, shards written now and in all."""
+    from tqdm.auto import tqdm
+
+    if shard_sequences < 1:
+        raise TreeFlashError(f"shard size must be at least 1 sequence; got {shard_sequences}")
+    layers = tuple(int(i) for i in layers)
+    if not layers or min(layers) < 0 or max(layers) >= target.num_layers:
+        raise TreeFlashError(f"feature layers {list(layers)} are not all layers of target {target.name!r} "
+                             f"(0..{target.num_layers - 1}); choose layers the target has")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"target": target.name, "layers": list(layers), "hidden_size": target.hidden_size,
+            "num_target_layers": target.num_layers, "vocab_size": target.vocab_size, "dtype": "float16",
+            "shard_sequences": shard_sequences, "source": source}
+    meta_file = out / CACHE_FILE
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text())
+        if {k: old.get(k) for k in meta if k != "source"} != {k: v for k, v in meta.items() if k != "source"}:
+            raise TreeFlashError(f"{out} holds features cached with other settings (target {old.get('target')!r}, "
+                                 f"layers {old.get('layers')}); use a new output directory")
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+
+    shards = [sequences[i:i + shard_sequences] for i in range(0, len(sequences), shard_sequences)]
+    todo = [i for i, shard in enumerate(shards) if not _shard_done(out, i, shard)]
+    need = sum(len(s.tokens) for i in todo for s in shards[i]) * bytes_per_token(len(layers), target.hidden_size)
+    free = shutil.disk_usage(out).free
+    if need and free < need + (256 << 20):
+        raise TreeFlashError(f"caching these features needs {need / 2**30:.1f} GiB at {out} but only "
+                             f"{free / 2**30:.1f} GiB are free; free some space, cache fewer sequences "
+                             "(--limit) or choose another --out")
+    bar = tqdm(total=sum(len(s.tokens) for s in sequences), desc="caching features", unit="tok", unit_scale=True,
+               disable=not progress)
+    bar.update(sum(len(s.tokens) for i, shard in enumerate(shards) if i not in todo for s in shard))
+    for index in todo:
+        _write_shard(target, shards[index], out, index, layers, bar)
+    bar.close()
+    return {"sequences": len(sequences), "tokens": sum(len(s.tokens) for s in sequences),
+            "shards": len(shards), "written_now": len(todo)}
+
+
+def _shard_done(out: Path, index: int, shard: list[Sequence]) -> bool:
+    path = out / f"{_shard_name(index)}.json"
+    if not path.exists():
+        return False
+    entries = json.loads(path.read_text())
+    return [(e["id"], e["length"]) for e in entries] == [(s.id, len(s.tokens)) for s in shard]
+
+
+def _write_shard(target: Target, shard: list[Sequence], out: Path, index: int, layers: tuple[int, ...], bar) -> None:
+    total = sum(len(s.tokens) for s in shard)
+    H = target.hidden_size
+    name = _shard_name(index)
+    # Written under temporary names and renamed; the index goes last, so a shard without one is redone.
+    tmp = {kind: out / f"{name}.{kind}.tmp.npy" for kind in ("tokens", "features", "final")}
+    tokens = np.lib.format.open_memmap(tmp["tokens"], mode="w+", dtype=np.int32, shape=(total,))
+    features = np.lib.format.open_memmap(tmp["features"], mode="w+", dtype=np.float16, shape=(total, len(layers) * H))
+    final = np.lib.format.open_memmap(tmp["final"], mode="w+", dtype=np.float16, shape=(total, H))
+    entries, offset = [], 0
+    for seq in shard:
+        ids = torch.tensor(seq.tokens, device=target.device)
+        f, z = sequence_features(target, ids, layers)
+        n = len(seq.tokens)
+        tokens[offset:offset + n] = np.asarray(seq.tokens, dtype=np.int32)
+        features[offset:offset + n] = f.to(torch.float16).cpu().numpy()
+        final[offset:offset + n] = z.to(torch.float16).cpu().numpy()
+        entries.append({"id": seq.id, "offset": offset, "length": n, "prompt_length": seq.prompt_length})
+        offset += n
+        bar.update(n)
+    for array in (tokens, features, final):
+        array.flush()
+    del tokens, features, final
+    for kind, path in tmp.items():
+        path.replace(out / f"{name}.{kind}.npy")
+    index_tmp = out / f"{name}.json.tmp"
+    index_tmp.write_text(json.dumps(entries) + "\n")
+    index_tmp.replace(out / f"{name}.json")
+
+
+@dataclasses.dataclass
+class CachedSequence(Sequence):
+    """A training sequence whose target features come from a feature cache."""
+
+    shard: int = 0
+    offset: int = 0
+
+
+class FeatureCache:
+    """A finished (or partly finished) feature cache, memory-mapped. `sequences` lists the cached ones in
+    order; `features(seq)` and `final(seq)` give their arrays as float32 tensors."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_file = self.path / CACHE_FILE
+        if not meta_file.exists():
+            raise TreeFlashError(f"{self.path} is not a feature cache (no {CACHE_FILE}); make one with "
+                                 "`treeflash train features`")
+        self.meta = json.loads(meta_file.read_text())
+        self.layers = tuple(self.meta["layers"])
+        self.sequences: list[CachedSequence] = []
+        self._arrays: dict[int, tuple] = {}
+        index = 0
+        while (self.path / f"{_shard_name(index)}.json").exists():
+            tokens = np.load(self.path / f"{_shard_name(index)}.tokens.npy", mmap_mode="r")
+            for e in json.loads((self.path / f"{_shard_name(index)}.json").read_text()):
+                ids = tokens[e["offset"]:e["offset"] + e["length"]].tolist()
+                self.sequences.append(CachedSequence(e["id"], ids, e["prompt_length"], shard=index, offset=e["offset"]))
+            index += 1
+        if not self.sequences:
+            raise TreeFlashError(f"{self.path} holds no finished shard yet; let `treeflash train features` run longer")
+
+    def _shard(self, index: int) -> tuple:
+        if index not in self._arrays:
+            name = self.path / _shard_name(index)
+            self._arrays[index] = (np.load(f"{name}.features.npy", mmap_mode="r"),
+                                   np.load(f"{name}.final.npy", mmap_mode="r"))
+        return self._arrays[index]
+
+    def check(self, target: Target, layers: tuple[int, ...]) -> None:
+        """Raise TreeFlashError unless this cache was made by `target` and holds `layers`."""
+        if self.meta["hidden_size"] != target.hidden_size or self.meta["num_target_layers"] != target.num_layers \
+                or self.meta["vocab_size"] != target.vocab_size:
+            raise TreeFlashError(f"the feature cache {self.path} was made with target {self.meta['target']!r}, "
+                                 f"not shaped like {target.name!r}; cache features with this target")
+        missing = [i for i in layers if i not in self.layers]
+        if missing:
+            raise TreeFlashError(f"the feature cache {self.path} holds target layers {list(self.layers)}, not "
+                                 f"{missing}; train a drafter that reads cached layers or cache these layers")
+
+    def features(self, seq: CachedSequence, layers: tuple[int, ...], length: int | None = None) -> Tensor:
+        """[L, len(layers)*H] float32: the cached outputs of `layers` for the first `length` tokens of `seq`."""
+        n = len(seq.tokens) if length is None else length
+        array = self._shard(seq.shard)[0][seq.offset:seq.offset + n]
+        H = self.meta["hidden_size"]
+        if tuple(layers) != self.layers:
+            columns = np.concatenate([np.arange(self.layers.index(i) * H, (self.layers.index(i) + 1) * H)
+                                      for i in layers])
+            array = array[:, columns]
+        return torch.from_numpy(np.array(array, dtype=np.float32))
+
+    def final(self, seq: CachedSequence, length: int | None = None) -> Tensor:
+        """[L, H] float32: the target's final normed hidden states (its logits are lm_head of these)."""
+        n = len(seq.tokens) if length is None else length
+        return torch.from_numpy(np.array(self._shard(seq.shard)[1][seq.offset:seq.offset + n], dtype=np.float32))
