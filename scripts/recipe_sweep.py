@@ -27,12 +27,12 @@ VARIANTS = {  # name: flags that override BASE (a later flag wins in argparse)
     "base": [],
     "layers2": ["--layers", "2"],
     "layers3": ["--layers", "3"],
-    "layers5": ["--layers", "5"],
     "block16": ["--block-size", "16"],
     "kl": ["--loss", "kl"],
     "ce+kl": ["--loss", "ce+kl"],
     "lr3e-3": ["--lr", "3e-3"],
     "anchors64": ["--anchors", "64", "--batch-size", "4"],
+    "target-init": ["--init-from-target"],
     "old-recipe": ["--layers", "5", "--block-size", "16", "--lr", "6e-4", "--init-from-target", "--anchors", "96",
                    "--batch-size", "1"],
 }
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("cache")
     parser.add_argument("runs")
     parser.add_argument("out")
-    parser.add_argument("--minutes", type=float, default=4.0)
+    parser.add_argument("--minutes", type=float, default=3.5)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", default=None, help="comma-separated variant names")
     args = parser.parse_args()

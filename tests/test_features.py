@@ -103,3 +103,21 @@ def test_sequence_features_are_the_requested_layers_and_the_final_state():
     torch.testing.assert_close(features[:, :H], states[5][0])
     torch.testing.assert_close(features[:, H:], states[2][0])
     torch.testing.assert_close(final, states[-1][0])  # HF's last entry is after the final norm
+
+
+def test_head_training_reads_the_cache_for_its_kl_targets(tmp_path):
+    """The head stage's KL targets come from the cached final states: it trains from the cache alone and
+    moves only the head."""
+    target = tiny_target("llama", dtype=torch.float32)
+    data = _sequences(target)
+    build_feature_cache(target, data, tmp_path / "c", layers=(1, 2, 4), progress=False)
+    drafter = _fresh(target)
+    backbone = {k: v.clone() for k, v in drafter.state_dict().items() if not k.startswith("ar_")}
+    config = TrainConfig(stage="head", features=str(tmp_path / "c"), epochs=6, lr=3e-3, anchors=6, batch_size=2,
+                         val_sequences=2, eval_every=1000, save_every=1000)
+    metrics = train(drafter, target, None, config, tmp_path / "run", progress=False, log=lambda m: None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])
+    assert torch.count_nonzero(drafter.ar_approximation.d.weight) > 0
+    assert all(torch.equal(v, drafter.state_dict()[k]) for k, v in backbone.items())
+    assert metrics["conditional_chain_tau"] >= 1.0
