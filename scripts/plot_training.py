@@ -1,4 +1,5 @@
-"""Plot training runs from their log.jsonl: loss, validation chain tau, and per-position top-1 agreement.
+"""Plot training runs from their log.jsonl against training minutes: loss, validation chain tau, and
+per-position top-1 agreement at the last validation.
 
     python scripts/plot_training.py OUT.png RUN [RUN ...]
 
@@ -44,17 +45,17 @@ def main(out: str, runs: list[str]) -> None:
                               for r in evals for k in r if k.startswith("conditional")) else "drafter"
         name = run.name.removesuffix(".jsonl").removesuffix(".log")
         label = f"{name} ({stage})"
-        axes[0].plot([r["step"] for r in steps], smooth([r["loss"] for r in steps]), label=label)
+        axes[0].plot([r["seconds"] / 60 for r in steps], smooth([r["loss"] for r in steps]), label=label)
         key = "conditional_chain_tau" if stage == "head" else "marginal_chain_tau"
-        axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=label)
+        axes[1].plot([r["seconds"] / 60 for r in evals], [r[key] for r in evals], marker="o", label=label)
         if evals:
             last = evals[-1]
             depth = range(1, len(last["marginal_top1"]) + 1)
             axes[2].plot(depth, last["marginal_top1"], marker=".", label=f"{name}: marginal")
             if stage == "head":
                 axes[2].plot(depth, last["conditional_top1"], marker=".", label=f"{name}: conditional")
-    axes[0].set(title="training loss (moving average of 25 steps)", xlabel="step", ylabel="loss")
-    axes[1].set(title="validation: expected tau of a chain", xlabel="step", ylabel="tau")
+    axes[0].set(title="training loss (moving average of 25 steps)", xlabel="training minutes", ylabel="loss", yscale="log")
+    axes[1].set(title="validation: expected tau of a chain", xlabel="training minutes", ylabel="tau")
     axes[2].set(title="validation: top-1 agreement with the target, last eval", xlabel="block position",
                 ylabel="top-1 agreement")
     for ax in axes:

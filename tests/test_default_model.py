@@ -73,3 +73,22 @@ def test_the_shipped_drafter_is_lossless_and_accepts_drafts(target):
     untrained = Decoder(target, new_drafter(target)).generate(
         ids, DecodeConfig(method="treeflash", budget=32, max_new_tokens=64, stop_at_eos=False))
     assert taus["treeflash"] > untrained.tau + 0.2, (taus, untrained.tau)
+
+
+def test_the_shipped_drafter_reads_its_anchor(target):
+    """The failure of the first shipped drafter, checked on regenerated data (the last shard; the check is of
+    the mechanism, not of generalisation, which training validates on held-out sequences): its marginals must depend
+    on the anchor token (the first drafter's anchor sensitivity was 3e-5) and decay with the block position
+    (its profile was flat at ~0.09)."""
+    from pathlib import Path
+
+    from treeflash.api import resolve_drafter
+    from treeflash.data import load_sequences
+    from treeflash.training import TrainConfig, evaluate
+
+    data = Path(__file__).resolve().parents[1] / "training" / "data" / "smollm2-sharegpt" / "shard-00065.jsonl"
+    drafter = resolve_drafter(None, target).float()
+    metrics = evaluate(drafter, target, load_sequences(data)[:8], TrainConfig(anchors=32))
+    top1 = metrics["marginal_top1"]
+    assert metrics["anchor_sensitivity"] > 0.5, metrics
+    assert top1[0] > 0.25 and top1[0] > top1[-1] + 0.1, top1

@@ -32,7 +32,7 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget", type=int, default=None,
                         help="draft nodes per round, the root not counted, as in DDTree (default: the budget "
-                             "`treeflash tune` chose on this machine, else 8 on a CPU and 64 on a GPU for trees; "
+                             "`treeflash tune` chose on this machine, else 4 on a CPU and 64 on a GPU for trees; "
                              "block size - 1 for dflash)")
     budget.add_argument("--tree-size", type=int, default=None,
                         help="the same, counting the root as ETH's TreeFlash does (tree size = budget + 1)")
