@@ -193,10 +193,11 @@ def cmd_train_features(args: argparse.Namespace) -> int:
     from .drafters import default_target_layer_ids
     from .features import build_feature_cache
     from .targets import load_target
+    from .training import DEFAULT_TARGET_LAYERS
 
     target = load_target(args.target)
     layers = (tuple(int(i) for i in args.layers.split(",")) if args.layers
-              else default_target_layer_ids(target.num_layers, 5))
+              else default_target_layer_ids(target.num_layers, DEFAULT_TARGET_LAYERS))
     sequences = load_sequences(args.data, max_length=args.max_length)[: args.limit]
     print(f"caching target layers {list(layers)} (and the final state) of {len(sequences)} sequences from "
           f"{args.data} into {args.out}", file=sys.stderr)
@@ -431,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="cache directory (memory-mapped float16 shards); resumes if it holds one")
     f.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
     f.add_argument("--layers", default=None,
-                   help="comma-separated target layers to cache (default: 5 spread from layer 1 to L-3, DFlash's)")
+                   help="comma-separated target layers to cache (default: as many as a new drafter reads, spread "
+                        "from layer 1 to L-3, DFlash's choice)")
     f.add_argument("--limit", type=int, default=None, help="cache only the first N sequences")
     f.add_argument("--max-length", type=int, default=1024, help="tokens per sequence, longer ones are cut (default: 1024)")
     f.add_argument("--shard-sequences", type=int, default=DEFAULT_SHARD_SEQUENCES,

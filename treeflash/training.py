@@ -371,10 +371,11 @@ def trainable_parameters(drafter: Drafter, config: TrainConfig) -> list[torch.nn
     return head + backbone if config.finetune_backbone else head
 
 
-def labelled_rows(drafter: Drafter, target: Target, example: Example) -> tuple[Tensor, Tensor]:
-    """Block entries that carry a loss: (row indices [R], their labels as drafter-logit columns [R]). With a
-    draft vocabulary, tokens outside it are not trained on."""
-    columns = drafter.draft_index(target.vocab_size).cpu()[example.blocks.labels.clamp(min=0)]
+def labelled_rows(example: Example, draft_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Block entries that carry a loss: (row indices [R], their labels as drafter-logit columns [R]).
+    draft_index [V] (`Drafter.draft_index`, on the CPU): with a draft vocabulary, tokens outside it (-1) are not
+    trained on."""
+    columns = draft_index[example.blocks.labels.clamp(min=0)]
     rows = ((example.blocks.labels >= 0) & (columns >= 0)).nonzero().flatten()
     return rows, columns[rows]
 
@@ -398,8 +399,9 @@ def batch_loss(drafter: Drafter, target: Target, examples: list[Example], config
     with torch.set_grad_enabled(config.stage == "drafter" or config.finetune_backbone):
         hidden = batch_hidden(drafter, target, examples)
     picked, labels, w, parents, finals = [], [], [], [], []
+    draft_index = drafter.draft_index(target.vocab_size).cpu()
     for e, h in zip(examples, hidden):
-        rows, columns = labelled_rows(drafter, target, e)
+        rows, columns = labelled_rows(e, draft_index)
         picked.append(h[rows.to(device)])
         labels.append(columns)
         w.append(weights[e.blocks.offsets[rows]])
@@ -486,9 +488,9 @@ def evaluate(drafter: Drafter, target: Target, sequences: list[Sequence], config
     return result
 
 
-def profile(top1: list[float], every: int = 1) -> str:
+def profile(top1: list[float]) -> str:
     """A per-position top-1 profile for a log line: '.47 .32 .22 ...'."""
-    return " ".join(f"{x:.2f}".lstrip("0") for x in top1[::every])
+    return " ".join(f"{x:.2f}".lstrip("0") for x in top1)
 
 
 def _check_disk(path: Path, need_bytes: int) -> None:
