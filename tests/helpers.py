@@ -89,6 +89,9 @@ class OracleDrafter(Drafter):
         hidden[:, 0] = torch.tensor(positions, dtype=torch.float)
         return BlockDraft(hidden=hidden, logits=self._rows(positions))
 
+    def draft_batch(self, target, anchors, new_features, caches):
+        return [self.draft(target, a, f, c) for a, f, c in zip(anchors, new_features, caches)]
+
     def conditional_logits(self, target, hidden, parents):
         return self._rows([int(p) for p in hidden[:, 0]])
 

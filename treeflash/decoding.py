@@ -18,21 +18,22 @@ import dataclasses
 import math
 import secrets
 import time
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence
 
 import torch
 from torch import Tensor
 
+from .cache import KVCache
 from .drafters import BlockDraft, Drafter, check_compatible
 from .errors import TreeFlashError
-from .targets import Target
+from .targets import Segment, Target
 from .trees import (
     DraftTree,
     candidate_rows,
     chain_tree,
     check_budget,
     conditional_tree,
-    lazy_conditional_tree,
+    lazy_conditional_tree_steps,
     marginal_tree,
     top_k_logprobs,
     tree_attention_mask,
@@ -162,18 +163,90 @@ def root_only_tree(root: int) -> DraftTree:
 
 
 class _Clock:
-    """Adds wall time to named stages."""
+    """Measures the wall time of a step's stages."""
 
     def __init__(self, device: torch.device):
-        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.seconds: dict[str, float] = {}
         self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
         self._sync()
         now = time.perf_counter()
-        self.seconds[stage] += now - self._last
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
         self._last = now
+
+
+@dataclasses.dataclass(eq=False)
+class Generation:
+    """One sequence in progress: its settings, caches and output so far. `Decoder.start` makes it,
+    `Decoder.step` advances it by one round (alone or batched with others), `result()` reads it out.
+
+    Between rounds the invariant of the module docstring holds: the target's cache holds every committed token
+    but the last (the root), and `features` holds the target features of the positions the drafter has not
+    seen yet."""
+
+    prompt_ids: list[int]
+    config: DecodeConfig
+    budget: int  # draft nodes per round (0 for ar)
+    sampling: SamplingConfig  # seed drawn when sampling without one
+    eos: frozenset[int]  # tokens that end the generation
+    cache: KVCache  # the target's
+    dcache: KVCache | None  # the drafter's (None for ar)
+    feature_layers: tuple[int, ...]  # target layers the drafter reads (() for ar)
+    on_tokens: Callable[[list[int]], bool | None] | None = None
+    committed: list[int] = dataclasses.field(default_factory=list)  # new tokens so far
+    acceptance: list[int] = dataclasses.field(default_factory=list)  # accepted drafted tokens per round
+    features: Tensor | None = None  # [c, k*H]: context features the drafter has not seen yet
+    stop: str | None = None  # why it ended (see DecodeResult.stop_reason); None while in progress
+    error: BaseException | None = None  # what `on_tokens` raised, if it did (stop reason "error")
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    started: float | None = None  # perf_counter() when its prefill began
+    seconds: float = 0.0  # wall time from its prefill to its end
+
+    @property
+    def done(self) -> bool:
+        return self.stop is not None
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def result(self, tokenizer=None) -> DecodeResult:
+        text = tokenizer.decode(self.committed, skip_special_tokens=True) if tokenizer is not None else None
+        return DecodeResult(
+            method=self.method,
+            prompt_ids=self.prompt_ids,
+            token_ids=self.committed,
+            rounds=len(self.acceptance),
+            acceptance_lengths=self.acceptance,
+            stage_seconds={k: v for k, v in self.stage_seconds.items() if v > 0 or k != "head"},
+            seconds=self.seconds,
+            stop_reason=self.stop,
+            budget=self.budget,
+            seed=None if self.sampling.greedy else self.sampling.seed,
+            text=text,
+        )
+
+    def _commit(self, new: list[int]) -> None:
+        """Add a round's committed tokens, cut at an end-of-sequence token or at max_new_tokens, and hand
+        them to `on_tokens`; sets `stop` when the generation is over."""
+        room = self.config.max_new_tokens - len(self.committed)
+        stop = None
+        for i, token in enumerate(new):
+            if token in self.eos:
+                new, stop = new[: i + 1], "eos"
+                break
+        if len(new) >= room:
+            new, stop = new[:room], stop or "max_new_tokens"
+        self.committed.extend(new)
+        if self.on_tokens is not None:
+            try:
+                if self.on_tokens(new):
+                    stop = stop or "stopped"
+            except Exception as e:  # kept for the caller: one generation's callback must not end a batch
+                self.error, stop = e, "error"
+        self.stop = stop
 
 
 class Decoder:
@@ -181,6 +254,10 @@ class Decoder:
 
     tuning: a `treeflash.tuning.Tuning` for this setup (see `treeflash tune`): its budget and candidate count
     are used when a DecodeConfig leaves them unset.
+
+    `generate` runs one sequence; `generate_batch` runs many, batched. Both are loops over `step`, which
+    advances any set of `Generation`s by one round together (continuous batching: a server starts new ones and
+    drops finished ones between steps).
     """
 
     def __init__(self, target: Target, drafter: Drafter | None = None, tuning=None):
@@ -190,30 +267,51 @@ class Decoder:
         self.drafter = drafter
         self.tuning = tuning
 
-    # -- the stages ---------------------------------------------------------------------------------
-
-    def _draft_tree(self, method: str, root: int, features: Tensor, dcache, budget: int, config: DecodeConfig, clock):
-        if method == "ar":
-            return root_only_tree(root)
-        block = self.drafter.draft(self.target, root, features, dcache)
-        clock.lap("draft")
-        m = config.candidate_tokens
-        if m is None and self.tuning is not None:
-            m = self.tuning.candidate_tokens(method)
-        return build_tree(self.drafter, self.target, method, root, block, budget, config.draft_top_k, m,
-                          lap=clock.lap)
-
-    # -- the loop -----------------------------------------------------------------------------------
-
     @torch.inference_mode()
     def generate(
         self,
         prompt_ids: list[int],
         config: DecodeConfig | None = None,
-        on_tokens: Callable[[list[int]], None] | None = None,
+        on_tokens: Callable[[list[int]], bool | None] | None = None,
     ) -> DecodeResult:
         """Generate from token ids. `on_tokens` is called with each round's committed tokens; if it returns
-        True, generation stops there (stop reason "stopped"), e.g. when a client went away."""
+        True, generation stops there (stop reason "stopped"), e.g. when a client went away; if it raises, the
+        generation stops and the exception propagates."""
+        generation = self.start(prompt_ids, config, on_tokens)
+        while not generation.done:
+            self.step([generation])
+        if generation.error is not None:
+            raise generation.error
+        return generation.result(self.target.tokenizer)
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        prompts: Sequence[list[int]],
+        config: DecodeConfig | Sequence[DecodeConfig] | None = None,
+        max_batch: int = 8,
+    ) -> list[DecodeResult]:
+        """Generate from several prompts (token ids), at most `max_batch` at once: their rounds share the
+        drafter's and the target's passes, and a prompt starts as soon as another finishes. `config` is one
+        DecodeConfig for all, or one per prompt (methods, budgets and sampling may differ). Each result equals
+        `generate` on that prompt alone (up to float rounding at genuine near-ties, as between methods)."""
+        configs = list(config) if isinstance(config, (list, tuple)) else [config] * len(prompts)
+        if len(configs) != len(prompts):
+            raise TreeFlashError(f"got {len(configs)} configs for {len(prompts)} prompts; pass one, or one per prompt")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise TreeFlashError(f"max_batch must be a whole number >= 1; got {max_batch!r}")
+        generations = [self.start(p, c) for p, c in zip(prompts, configs)]  # validates every prompt first
+        waiting, active = list(generations), []
+        while waiting or active:
+            while waiting and len(active) < max_batch:
+                active.append(waiting.pop(0))
+            self.step(active)
+            active = [g for g in active if not g.done]
+        return [g.result(self.target.tokenizer) for g in generations]
+
+    def start(self, prompt_ids: list[int], config: DecodeConfig | None = None,
+              on_tokens: Callable[[list[int]], bool | None] | None = None) -> Generation:
+        """A new generation, checked and with its caches reserved; its first `step` prefills it."""
         config = config or DecodeConfig()
         target, drafter, method = self.target, self.drafter, config.method
         if method != "ar" and drafter is None:
@@ -238,104 +336,145 @@ class Decoder:
         sampling = config.sampling
         if not sampling.greedy and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
-        eos = set(target.eos_token_ids) if config.stop_at_eos else set()
-        feature_layers = drafter.config.target_layer_ids if method != "ar" else ()
-
         n = len(prompt_ids)
-        # Slots, not positions: a whole tree is written after the committed tokens even near the context limit.
-        cache = target.new_cache(min(target.max_length, n + config.max_new_tokens) + budget + 1)
-        # The drafter caches committed context and writes its whole block after it.
-        dcache = drafter.new_cache(n + config.max_new_tokens + drafter.block_size) if method != "ar" else None
-        device = target.device
-
-        clock = _Clock(device)
-        start = time.perf_counter()
-        out = target.forward(
-            torch.tensor(prompt_ids, device=device), torch.arange(n, device=device), cache,
-            feature_layers=feature_layers, logits_rows=slice(n - 1, n),
+        return Generation(
+            prompt_ids=prompt_ids,
+            config=config,
+            budget=budget,
+            sampling=sampling,
+            eos=frozenset(target.eos_token_ids) if config.stop_at_eos else frozenset(),
+            # Slots, not positions: a whole tree is written after the committed tokens even near the context limit.
+            cache=target.new_cache(min(target.max_length, n + config.max_new_tokens) + budget + 1),
+            # The drafter caches committed context and writes its whole block after it.
+            dcache=drafter.new_cache(n + config.max_new_tokens + drafter.block_size) if method != "ar" else None,
+            feature_layers=drafter.config.target_layer_ids if method != "ar" else (),
+            on_tokens=on_tokens,
         )
-        cache.advance(n)
-        first = int(choose_tokens(out.logits, torch.tensor([n]), sampling)[0])
-        features = out.features  # [n, k*H]: context the drafter has not seen yet
-        committed = [first]
-        clock.lap("prefill")
 
-        acceptance, stop = [], None
-        if on_tokens and on_tokens([first]):
-            stop = "stopped"
-        elif first in eos:
-            stop = "eos"
-        elif config.max_new_tokens <= 1:
-            stop = "max_new_tokens"
-        while stop is None:
-            root_position = cache.length  # the root is the last committed token
-            if root_position + 1 >= target.max_length:
-                stop = "context"
-                break
-            tree = self._draft_tree(method, committed[-1], features, dcache, budget, config, clock)
-            # A node at depth d predicts the token at root_position + d + 1, which must fit in the context.
-            room = target.max_length - 2 - root_position
-            if int(tree.depths.max()) > room:
-                tree = _prune_depth(tree, room)
-            positions = (root_position + tree.depths).to(device)
-            mask = None
-            if tree.size > 0:
-                mask = torch.ones(tree.size + 1, root_position + tree.size + 1, dtype=torch.bool, device=device)
-                mask[:, root_position:] = tree_attention_mask(tree).to(device)
-            clock.lap("tree")
+    # -- one round for several generations ----------------------------------------------------------
 
-            out = target.forward(
-                tree.tokens.to(device), positions, cache, mask=mask, feature_layers=feature_layers,
-            )
-            chosen = choose_tokens(out.logits, positions + 1, sampling).cpu()
-            clock.lap("verify")
+    @torch.inference_mode()
+    def step(self, generations: list[Generation]) -> None:
+        """One round for each unfinished generation: draft -> build tree -> verify -> follow -> commit, each
+        stage batched over the generations (one drafter pass, the TreeFlash head's rows together, one target
+        pass). Generations not yet started are prefilled in that same target pass instead."""
+        target, device = self.target, self.target.device
+        live = [g for g in generations if not g.done]
+        now = time.perf_counter()
+        for g in live:
+            g.started = now if g.started is None else g.started
+        clock = _Clock(device)
+        new = [g for g in live if not g.committed]
+        rounds = []
+        for g in live:
+            if g.committed and g.cache.length + 1 >= target.max_length:  # no room for the root's successor
+                g.stop = "context"
+            elif g.committed:
+                rounds.append(g)
 
+        trees = self._draft_trees(rounds, clock)
+        trees, segments = zip(*(self._verify_input(g, tree) for g, tree in zip(rounds, trees))) if rounds else ((), ())
+        segments = list(segments)
+        clock.lap("tree")
+        for g in new:
+            n = len(g.prompt_ids)
+            segments.append(Segment(torch.tensor(g.prompt_ids, device=device), torch.arange(n, device=device),
+                                    g.cache, logits_rows=slice(n - 1, n), features=bool(g.feature_layers)))
+        wanted = next((g.feature_layers for g in live if g.feature_layers), ())
+        outputs = target.forward_batch(segments, feature_layers=wanted)
+
+        committed = []  # per round: the tokens it commits
+        for g, tree, out, segment in zip(rounds, trees, outputs, segments):
+            chosen = choose_tokens(out.logits, segment.positions + 1, g.sampling).cpu()
             accepted = follow(tree, chosen)
             keep = torch.tensor(accepted.path, device=device)
-            cache.compact(keep)
-            if feature_layers:
-                features = out.features[keep]
-            new = accepted.committed
-            acceptance.append(len(accepted.tokens))
-            room_left = config.max_new_tokens - len(committed)
-            for i, token in enumerate(new):
-                if token in eos:
-                    new, stop = new[: i + 1], "eos"
-                    break
-            if len(new) >= room_left:
-                new, stop = new[:room_left], stop or "max_new_tokens"
-            committed.extend(new)
-            clock.lap("commit")
-            if on_tokens and on_tokens(new):
-                stop = stop or "stopped"
+            g.cache.compact(keep)
+            if g.feature_layers:
+                g.features = out.features[keep]
+            g.acceptance.append(len(accepted.tokens))
+            committed.append(accepted.committed)
+        clock.lap("verify")
+        for g, out in zip(new, outputs[len(rounds):]):
+            n = len(g.prompt_ids)
+            g.cache.advance(n)
+            g.features = out.features  # [n, k*H]: context the drafter has not seen yet
+            committed.append([int(choose_tokens(out.logits, torch.tensor([n]), g.sampling)[0])])
+        clock.lap("prefill")
+        for g, tokens in zip(rounds + new, committed):
+            g._commit(tokens)
+        clock.lap("commit")
 
-        seconds = time.perf_counter() - start
-        text = target.tokenizer.decode(committed, skip_special_tokens=True) if target.tokenizer is not None else None
-        return DecodeResult(
-            method=method,
-            prompt_ids=prompt_ids,
-            token_ids=committed,
-            rounds=len(acceptance),
-            acceptance_lengths=acceptance,
-            stage_seconds={k: v for k, v in clock.seconds.items() if v > 0 or k != "head"},
-            seconds=seconds,
-            stop_reason=stop,
-            budget=budget,
-            seed=None if sampling.greedy else sampling.seed,
-            text=text,
-        )
+        end = time.perf_counter()
+        for g in rounds:
+            for stage in ("draft", "tree", "verify", "commit"):
+                g.stage_seconds[stage] += clock.seconds.get(stage, 0.0)
+            g.stage_seconds["head" if g.method == "treeflash" else "tree"] += clock.seconds.get("head", 0.0)
+        for g in new:
+            g.stage_seconds["prefill"] += sum(clock.seconds.get(stage, 0.0) for stage in ("verify", "prefill", "commit"))
+        for g in live:
+            if g.done:
+                g.seconds = end - g.started
+
+    def _draft_trees(self, generations: list[Generation], clock: _Clock) -> list[DraftTree]:
+        """Each generation's draft tree after its root: one drafter pass over the blocks of all that draft,
+        then their tree searches, whose TreeFlash head rows are evaluated together (`build_trees`)."""
+        drafting = [g for g in generations if g.method != "ar"]
+        blocks = {}
+        if drafting:
+            drafted = self.drafter.draft_batch(self.target, [g.committed[-1] for g in drafting],
+                                               [g.features for g in drafting], [g.dcache for g in drafting])
+            blocks = dict(zip(map(id, drafting), drafted))
+            clock.lap("draft")
+        searches = []
+        for g in generations:
+            if g.method == "ar":
+                searches.append(root_only_tree(g.committed[-1]))
+                continue
+            m = g.config.candidate_tokens
+            if m is None and self.tuning is not None:
+                m = self.tuning.candidate_tokens(g.method)
+            searches.append(tree_steps(self.drafter, g.method, g.committed[-1], blocks[id(g)], g.budget,
+                                       g.config.draft_top_k, m))
+        trees = build_trees(self.drafter, self.target, searches)
+        clock.lap("head")
+        return trees
+
+    def _verify_input(self, g: Generation, tree: DraftTree) -> tuple[DraftTree, Segment]:
+        """The tree to verify (cut to fit the context) and the target's input for it after g's committed
+        context: the tree's tokens at root_position + depth, each attending to the context and its ancestors."""
+        device, root_position = self.target.device, g.cache.length  # the root is the last committed token
+        # A node at depth d predicts the token at root_position + d + 1, which must fit in the context.
+        room = self.target.max_length - 2 - root_position
+        if int(tree.depths.max()) > room:
+            tree = _prune_depth(tree, room)
+        positions = (root_position + tree.depths).to(device)
+        mask = None
+        if tree.size > 0:
+            mask = torch.ones(tree.size + 1, root_position + tree.size + 1, dtype=torch.bool, device=device)
+            mask[:, root_position:] = tree_attention_mask(tree).to(device)
+        return tree, Segment(tree.tokens.to(device), positions, g.cache, mask, features=bool(g.feature_layers))
 
 
-def build_tree(drafter: Drafter, target: Target, method: str, root: int, block: BlockDraft, budget: int,
-               draft_top_k: int = 16, candidate_tokens: int | None = None,
-               lap: Callable[[str], None] = lambda stage: None, lazy_rows: bool | None = None) -> DraftTree:
-    """The tree `method` (dflash, ddtree or treeflash) drafts after `root` from one drafted block.
+@dataclasses.dataclass
+class HeadRows:
+    """TreeFlash head rows a tree search asks for: the head's conditional logits at these rows."""
 
-    TreeFlash's second stage (the head's conditionals) runs here; `lap("head")` marks its end for timing.
+    hidden: Tensor  # [R, H] the drafter's state at each row's block position
+    parents: Tensor  # [R] int64 target ids: the parent token each row conditions on
+
+
+def tree_steps(drafter: Drafter, method: str, root: int, block: BlockDraft, budget: int, draft_top_k: int = 16,
+               candidate_tokens: int | None = None, lazy_rows: bool | None = None
+               ) -> Generator[HeadRows, Tensor, DraftTree]:
+    """The tree `method` (dflash, ddtree or treeflash) drafts after `root` from one drafted block, as a
+    generator: TreeFlash's search yields the `HeadRows` it needs and takes back their conditional logits
+    [R, Vd] (`build_trees` answers the requests of several searches with one head pass); the other methods
+    need no head and return at once.
+
     lazy_rows: evaluate only the head rows the best-first search reaches, in a few batches
-    (`lazy_conditional_tree`: at most B + 1 rows instead of 1 + (D-1)*m, the same tree); the head stage then
-    includes the search between those batches. None = on a CPU, where the head's cost grows with its rows;
-    a GPU evaluates all rows in one pass for about the price of one, and each batch would cost a sync.
+    (`lazy_conditional_tree`: at most B + 1 rows instead of 1 + (D-1)*m, the same tree). None = on a CPU, where
+    the head's cost grows with its rows; a GPU evaluates all rows in one pass for about the price of one, and
+    each batch would cost a sync.
     """
     # A tree of `budget` nodes is at most `budget` deep, so deeper positions can be left out: the tree is the
     # same, and TreeFlash's head evaluates 1 + (depth-1)*m rows instead of 1 + (b-2)*m.
@@ -356,21 +495,64 @@ def build_tree(drafter: Drafter, target: Target, method: str, root: int, block: 
     row_parents = torch.cat((torch.tensor([root], device=parents.device), parents.flatten()))  # [R]
     k = min(draft_top_k, vocab)
 
-    def evaluate(rows: Tensor) -> tuple[Tensor, Tensor]:  # row ids [R'] -> top-k tokens, log-probs [R', k]
+    def head_rows(rows: Tensor) -> HeadRows:  # row ids [R'] -> what the head needs for them
         rows = rows.to(block.hidden.device)
         position = torch.where(rows == 0, 0, (rows - 1) // m + 1)  # the block position of each row
-        logits = drafter.conditional_logits(target, block.hidden[position], row_parents[rows])
+        return HeadRows(hidden=block.hidden[position], parents=row_parents[rows])
+
+    def top(logits: Tensor) -> tuple[Tensor, Tensor]:  # [R', Vd] -> top-k target ids, log-probs [R', k], CPU
         tokens, logprobs = top_k_logprobs(logits, k)
         return drafter.token_ids(tokens).cpu(), logprobs.cpu()
 
     if lazy_rows is None:
         lazy_rows = block.hidden.device.type == "cpu"
-    if lazy_rows:
-        tree, _ = lazy_conditional_tree(root, parents.cpu(), evaluate, budget,
-                                        prefetch=_likely_rows(drafter, root, block, parents.cpu(), budget))
-    else:
-        tree = conditional_tree(root, parents.cpu(), *evaluate(torch.arange(row_parents.shape[0])), budget)
-    lap("head")
+    if not lazy_rows:
+        logits = yield head_rows(torch.arange(row_parents.shape[0]))
+        return conditional_tree(root, parents.cpu(), *top(logits), budget)
+    prefetch = _likely_rows(drafter, root, block, parents.cpu(), budget)
+    search = lazy_conditional_tree_steps(root, parents.cpu(), budget, prefetch=prefetch)
+    try:
+        rows = next(search)
+        while True:
+            rows = search.send(top((yield head_rows(rows))))
+    except StopIteration as stop:
+        return stop.value[0]
+
+
+def build_trees(drafter: Drafter | None, target: Target, searches: list[Generator | DraftTree]) -> list[DraftTree]:
+    """Run several tree searches (`tree_steps`; a finished DraftTree passes through), answering the head rows
+    they ask for together: every wave of requests is one `conditional_logits` pass over all their rows."""
+    trees: list[DraftTree | None] = [s if isinstance(s, DraftTree) else None for s in searches]
+    pending: dict[int, HeadRows] = {}
+
+    def advance(i: int, answer: Tensor | None) -> None:
+        try:
+            pending[i] = searches[i].send(answer)
+        except StopIteration as stop:
+            trees[i] = stop.value
+
+    for i, s in enumerate(searches):
+        if not isinstance(s, DraftTree):
+            advance(i, None)
+    while pending:
+        wave, pending = list(pending.items()), {}
+        hidden = torch.cat([rows.hidden for _, rows in wave])
+        parents = torch.cat([rows.parents for _, rows in wave])
+        logits = drafter.conditional_logits(target, hidden, parents).split([rows.parents.shape[0] for _, rows in wave])
+        for (i, _), answer in zip(wave, logits):
+            advance(i, answer)
+    return trees
+
+
+def build_tree(drafter: Drafter, target: Target, method: str, root: int, block: BlockDraft, budget: int,
+               draft_top_k: int = 16, candidate_tokens: int | None = None,
+               lap: Callable[[str], None] = lambda stage: None, lazy_rows: bool | None = None) -> DraftTree:
+    """The tree `method` drafts after `root` from one drafted block (see `tree_steps`, `build_trees`).
+    TreeFlash's second stage (the head's conditionals) runs here; `lap("head")` marks its end for timing."""
+    tree = build_trees(drafter, target, [tree_steps(drafter, method, root, block, budget, draft_top_k,
+                                                    candidate_tokens, lazy_rows)])[0]
+    if method == "treeflash":
+        lap("head")
     return tree
 
 

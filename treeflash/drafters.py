@@ -345,16 +345,22 @@ class Drafter(nn.Module):
 
         block_embeds [(S,) n, H] with positions [(S,) n]; context [(S,) c, H] fused features with positions
         [(S,) c], appended to `cache` if one is given (unbatched only; their keys/values are then committed,
-        the block's never are). context_mask [(S,) n, (cached) + c + n] bool, None = every block row sees
-        everything (inference). Returns the block's hidden states [(S,) n, H] before the final norm.
+        the block's never are; `forward_cached` is the batched form). context_mask [(S,) n, (cached) + c + n]
+        bool, None = every block row sees everything (inference). Returns the block's hidden states [(S,) n, H]
+        before the final norm.
         """
         batched = block_embeds.dim() == 3
+        if cache is not None:
+            if batched:
+                raise ValueError("a drafter cache holds one sequence; use forward_cached for a batch")
+            if context_mask is not None:
+                raise ValueError("a cached pass sees its whole context; context_mask is for training")
+            return self.forward_cached(block_embeds[None], block_positions[None], [context], [context_positions],
+                                       [cache])[0]
         if not batched:
             block_embeds, block_positions, context, context_positions = (
                 t[None] for t in (block_embeds, block_positions, context, context_positions))
             context_mask = None if context_mask is None else context_mask[None]
-        elif cache is not None:
-            raise ValueError("a drafter cache holds one sequence; batched blocks train without one")
         S, n, c = block_embeds.shape[0], block_embeds.shape[1], context.shape[1]
         cos, sin = self.rotary(torch.cat((context_positions, block_positions), dim=1))  # [S, c+n, d]
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
@@ -371,32 +377,84 @@ class Drafter(nn.Module):
             v = v.view(S, c + n, -1, attn.head_dim).transpose(1, 2)
             q = apply_rotary(q, cos[:, :, c:], sin[:, :, c:])
             k = apply_rotary(k, cos, sin)
-            if cache is not None:
-                k, v = cache.write(index, k[0], v[0])
-                k, v = k[None], v[None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-            h = h + maps.o[index](out.transpose(1, 2).reshape(S, n, -1))
-            gate, up = maps.gate_up[index].split(layer.post_attention_layernorm(h))
-            h = h + maps.down[index](layer.mlp.act_fn(gate) * up)
-        if cache is not None:
-            cache.advance(c)
+            h = self._mlp(index, maps, h + maps.o[index](out.transpose(1, 2).reshape(S, n, -1)))
         return h if batched else h[0]
+
+    def forward_cached(self, block_embeds: Tensor, block_positions: Tensor, contexts: list[Tensor],
+                       context_positions: list[Tensor], caches: list[KVCache]) -> Tensor:
+        """Inference over S sequences at once, each with its own cache: block_embeds [S, n, H] at positions
+        [S, n]; contexts[i] [c_i, H] fused features of sequence i's newly committed positions
+        context_positions[i] [c_i], appended to caches[i] (committed; the blocks' keys/values are not).
+        Every block row sees its sequence's whole cached context and its whole block. The projections run once
+        over all rows; attention runs per sequence. Returns the blocks' hidden states [S, n, H] before the
+        final norm."""
+        S, n = block_embeds.shape[:2]
+        sizes = [int(c.shape[0]) + n for c in contexts]  # rows of sequence i in the key/value input
+        maps = self.maps()
+        positions = torch.cat([t for pair in zip(context_positions, block_positions) for t in pair])  # [T]
+        cos, sin = self.rotary(positions)  # [T, d]
+        block_rows = torch.cat([torch.arange(size - n, size) for size in sizes]) + torch.tensor(
+            [0] + sizes[:-1]).cumsum(0).repeat_interleave(n)  # where the block rows sit among the T rows
+        block_rows = block_rows.to(block_embeds.device)
+        q_cos, q_sin = cos[block_rows], sin[block_rows]
+        h = block_embeds.reshape(S * n, -1)
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)  # [S*n, H]
+            blocks = x.view(S, n, -1)
+            kv_input = torch.cat([t for i, c in enumerate(contexts) for t in (c, blocks[i])])  # [T, H]
+            k, v = maps.kv[index].split(kv_input)
+            q = attn.q_norm(maps.q[index](x).view(S * n, -1, attn.head_dim)).transpose(0, 1)  # [heads, S*n, d]
+            k = attn.k_norm(k.view(k.shape[0], -1, attn.head_dim)).transpose(0, 1)  # [kv_heads, T, d]
+            v = v.view(v.shape[0], -1, attn.head_dim).transpose(0, 1)
+            q = apply_rotary(q, q_cos, q_sin)
+            k = apply_rotary(k, cos, sin)
+            outs, start = [], 0
+            for i, (cache, size) in enumerate(zip(caches, sizes)):
+                keys, values = cache.write(index, k[:, start:start + size], v[:, start:start + size])
+                outs.append(F.scaled_dot_product_attention(q[None, :, i * n:(i + 1) * n], keys[None], values[None],
+                                                           scale=attn.scaling, enable_gqa=True)[0])
+                start += size
+            out = outs[0] if S == 1 else torch.cat(outs, dim=1)  # [heads, S*n, d]
+            h = self._mlp(index, maps, h + maps.o[index](out.transpose(0, 1).reshape(S * n, -1)))
+        for cache, c in zip(caches, contexts):
+            cache.advance(c.shape[0])
+        return h.view(S, n, -1)
+
+    def _mlp(self, index: int, maps: DrafterMaps, h: Tensor) -> Tensor:
+        """Layer `index`'s MLP block with its residual, on h [..., H] (after the attention's residual)."""
+        layer = self.layers[index]
+        gate, up = maps.gate_up[index].split(layer.post_attention_layernorm(h))
+        return h + maps.down[index](layer.mlp.act_fn(gate) * up)
 
     @torch.inference_mode()
     def draft(self, target: Target, anchor: int, new_features: Tensor, cache: KVCache) -> BlockDraft:
         """One drafting pass: add the target features of newly committed positions [c, k*H] to the
         context, then draft the block after `anchor`, which sits right after the context."""
-        context = self.fuse(new_features.to(self.fc.weight.dtype))
-        start = cache.length
-        context_positions = torch.arange(start, start + context.shape[0], device=context.device)
-        p = start + context.shape[0]  # the anchor's position
-        b = self.block_size
-        block = torch.full((b,), self.config.mask_token_id, dtype=torch.long, device=context.device)
-        block[0] = anchor
-        block_positions = torch.arange(p, p + b, device=context.device)
-        embeds = target.embed_tokens(block).to(context.dtype)
-        h = self.forward_block(embeds, block_positions, context, context_positions, cache)[1:]
-        return BlockDraft(hidden=h, logits=self.logits(target, h))
+        return self.draft_batch(target, [anchor], [new_features], [cache])[0]
+
+    @torch.inference_mode()
+    def draft_batch(self, target: Target, anchors: list[int], new_features: list[Tensor],
+                    caches: list[KVCache]) -> list[BlockDraft]:
+        """`draft` for several sequences in one drafter pass: anchors[i], new_features[i] [c_i, k*H] and
+        caches[i] are sequence i's. The blocks all have the drafter's block size, so one LM-head call
+        covers all of them."""
+        dtype = self.fc.weight.dtype
+        sizes = [int(f.shape[0]) for f in new_features]
+        fused = self.fuse(torch.cat(new_features).to(dtype))  # [sum c_i, H]
+        contexts = list(fused.split(sizes))
+        device, b = fused.device, self.block_size
+        starts = [cache.length for cache in caches]
+        context_positions = [torch.arange(s, s + c, device=device) for s, c in zip(starts, sizes)]
+        anchor_positions = torch.tensor([s + c for s, c in zip(starts, sizes)], device=device)  # [S]
+        block_positions = anchor_positions[:, None] + torch.arange(b, device=device)  # [S, b]
+        blocks = torch.full((len(anchors), b), self.config.mask_token_id, dtype=torch.long, device=device)
+        blocks[:, 0] = torch.tensor(anchors, device=device)
+        embeds = target.embed_tokens(blocks).to(dtype)  # [S, b, H]
+        h = self.forward_cached(embeds, block_positions, contexts, context_positions, caches)[:, 1:]  # [S, b-1, H]
+        logits = self.logits(target, h.reshape(-1, h.shape[-1])).view(len(anchors), b - 1, -1)
+        return [BlockDraft(hidden=h[i], logits=logits[i]) for i in range(len(anchors))]
 
     def logits(self, target: Target, hidden: Tensor) -> Tensor:
         """Drafter hidden states [n, H] (pre-norm) -> logits [n, Vd] (at least float32) via the target's LM head

@@ -46,6 +46,18 @@ class LayerMaps:
 
 
 @dataclasses.dataclass
+class Segment:
+    """One sequence's share of a batched target pass (`Target.forward_batch`); see `Target.forward`."""
+
+    tokens: Tensor  # [n] int64: the new tokens
+    positions: Tensor  # [n] int64: their absolute positions
+    cache: KVCache  # this sequence's cache; the new keys/values go after its committed slots
+    mask: Tensor | None = None  # [n, cache.length + n] bool; None = causal over the new tokens
+    logits_rows: slice | Tensor | None = dataclasses.field(default_factory=lambda: slice(None))  # which of the n rows need logits; None = none
+    features: bool = True  # whether this segment wants the feature layers' outputs
+
+
+@dataclasses.dataclass
 class TargetOutput:
     logits: Tensor | None  # [n, V] float32 or float64 (only the rows asked for), or None
     features: Tensor | None  # [n, len(feature_layers) * H]: outputs of the feature layers, concatenated
@@ -184,45 +196,86 @@ class Target:
         logits_rows: which of the n rows need logits (None for none); the LM head is the costliest
         matrix on small models, so a prefill asks for its last row only.
         """
-        n = tokens.shape[0]
-        past = cache.length
-        if mask is None and n > 1:
-            mask = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
-            mask[:, past:] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        segment = Segment(tokens, positions, cache, mask, logits_rows, features=bool(feature_layers))
+        return self.forward_batch([segment], feature_layers)[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, segments: list[Segment], feature_layers: tuple[int, ...] = ()) -> list[TargetOutput]:
+        """One pass over several sequences' new tokens (a ragged batch), each after its own cache: what
+        `forward` does for each segment, with the dense parts (projections, MLPs, LM head) run once over all
+        rows, so the weights are read once per pass instead of once per sequence. Attention stays per segment,
+        over its own cache and mask. Returns one TargetOutput per segment, in order.
+        """
+        if not segments:
+            return []
+        sizes = [int(s.tokens.shape[0]) for s in segments]
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
+        masks = [self._segment_mask(s, n) for s, n in zip(segments, sizes)]
+        tokens = torch.cat([s.tokens for s in segments]) if len(segments) > 1 else segments[0].tokens
+        positions = torch.cat([s.positions for s in segments]) if len(segments) > 1 else segments[0].positions
         cos, sin = self.rotary(positions)
-        h = self.embed_tokens(tokens)  # [n, H]
+        h = self.embed_tokens(tokens)  # [N, H], N = sum of the segments' n
         wanted = set(feature_layers)
         features = []
         for index, (layer, maps) in enumerate(zip(self.layers, self.maps)):
             x = layer.input_layernorm(h)
-            h = h + self._attention(layer.self_attn, maps, index, x, cos, sin, cache, mask)
+            h = h + self._attention(layer.self_attn, maps, index, x, cos, sin, segments, offsets, masks)
             gate, up = maps.gate_up.split(layer.post_attention_layernorm(h))
             h = h + maps.down(layer.mlp.act_fn(gate) * up)
             if index in wanted:
                 features.append(h)
-        logits = None
-        if logits_rows is not None:
-            logits = upcast(self.lm_head_map(self.final_norm(h[logits_rows])))
-        ordered = [features[sorted(wanted).index(i)] for i in feature_layers]
-        return TargetOutput(logits=logits, features=torch.cat(ordered, dim=-1) if ordered else None)
+        order = [sorted(wanted).index(i) for i in feature_layers]
+        all_features = torch.cat([features[i] for i in order], dim=-1) if order else None  # [N, k*H]
 
-    def _attention(self, attn, maps: LayerMaps, index: int, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
-                   mask):
-        n = x.shape[0]
+        rows, row_counts = [], []  # the rows that need logits, as indices into the N rows
+        for s, n, start in zip(segments, sizes, offsets):
+            if s.logits_rows is None:
+                row_counts.append(0)
+                continue
+            picked = torch.arange(start, start + n, device=self.device)[s.logits_rows].reshape(-1)
+            rows.append(picked)
+            row_counts.append(picked.numel())
+        logits = upcast(self.lm_head_map(self.final_norm(h[torch.cat(rows)]))) if rows else None
+        outputs, done = [], 0
+        for s, n, start, count in zip(segments, sizes, offsets, row_counts):
+            out_logits = None
+            if s.logits_rows is not None:
+                out_logits, done = logits[done:done + count], done + count
+            out_features = all_features[start:start + n] if all_features is not None and s.features else None
+            outputs.append(TargetOutput(logits=out_logits, features=out_features))
+        return outputs
+
+    def _segment_mask(self, segment: Segment, n: int) -> Tensor | None:
+        if segment.mask is not None or n == 1:
+            return segment.mask
+        past = segment.cache.length
+        mask = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
+        mask[:, past:] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        return mask
+
+    def _attention(self, attn, maps: LayerMaps, index: int, x: Tensor, cos: Tensor, sin: Tensor,
+                   segments: list[Segment], offsets: list[int], masks: list[Tensor | None]) -> Tensor:
+        N = x.shape[0]
         q, k, v = maps.qkv.split(x)
-        q = q.view(n, -1, self.head_dim)
-        k = k.view(n, -1, self.head_dim)
-        v = v.view(n, -1, self.head_dim)
+        q = q.view(N, -1, self.head_dim)
+        k = k.view(N, -1, self.head_dim)
+        v = v.view(N, -1, self.head_dim)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotation
             q = attn.q_norm(q)
             k = attn.k_norm(k)
-        q = apply_rotary(q.transpose(0, 1), cos, sin)  # [heads, n, d]
-        k = apply_rotary(k.transpose(0, 1), cos, sin)  # [kv_heads, n, d]
-        keys, values = cache.write(index, k, v.transpose(0, 1))
-        out = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=mask, scale=attn.scaling, enable_gqa=True
-        )  # [1, heads, n, d]
-        return maps.o(out[0].transpose(0, 1).reshape(n, -1))
+        q = apply_rotary(q.transpose(0, 1), cos, sin)  # [heads, N, d]
+        k = apply_rotary(k.transpose(0, 1), cos, sin)  # [kv_heads, N, d]
+        v = v.transpose(0, 1)  # [kv_heads, N, d]
+        outs = []
+        for segment, start, end, mask in zip(segments, offsets, offsets[1:], masks):
+            keys, values = segment.cache.write(index, k[:, start:end], v[:, start:end])
+            outs.append(F.scaled_dot_product_attention(
+                q[None, :, start:end], keys[None], values[None], attn_mask=mask, scale=attn.scaling, enable_gqa=True
+            )[0])  # [heads, n, d]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [heads, N, d]
+        return maps.o(out.transpose(0, 1).reshape(N, -1))
 
     # ----------------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import heapq
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Generator, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +43,8 @@ __all__ = [
     "check_budget",
     "conditional_tree",
     "lazy_conditional_tree",
+    "lazy_conditional_tree_steps",
+    "run_steps",
     "marginal_tree",
     "top_k_logprobs",
     "tree_attention_mask",
@@ -158,18 +160,36 @@ def best_first_tree(root: int, row_tokens: Tensor, row_logprobs: Tensor, next_ro
 
 
 Row = tuple[list[int], list[float], list[int]]  # (tokens, log-probs, next rows) of one row, best first
+Request, Answer, Result = TypeVar("Request"), TypeVar("Answer"), TypeVar("Result")
+
+
+def run_steps(steps: Generator[Request, Answer, Result], answer: Callable[[Request], Answer]) -> Result:
+    """Run a search written as a generator: each value it yields is a request, `answer(request)` is sent back,
+    and what it returns is the result. (A batched decode step answers the requests of many searches at once.)"""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(answer(request))
+    except StopIteration as stop:
+        return stop.value
 
 
 def _search(root: int, row, fetch, k: int, budget: int) -> DraftTree:
+    """The best-first search behind every tree; see `_search_steps`. fetch(rows) evaluates those rows."""
+    return run_steps(_search_steps(root, row, k, budget), fetch)
+
+
+def _search_steps(root: int, row, k: int, budget: int) -> Generator[list[int], None, DraftTree]:
     """The best-first search behind every tree.
 
-    row(r) gives row r as a `Row`, or None while it has not been evaluated; fetch(rows) evaluates those rows
-    (after which row() gives them). k: entries per row (0: no rows at all, the tree is the root alone).
+    row(r) gives row r as a `Row`, or None while it has not been evaluated; the search yields the rows it
+    needs evaluated next (sorted row ids), and row() must give them when it resumes. k: entries per row (0: no
+    rows at all, the tree is the root alone).
 
     A node's first child needs the node's row. If that row is not evaluated yet, the child goes on the heap as
     a placeholder whose score is the node's own, an upper bound, since log-probs are <= 0. Real entries that
     outscore it are popped first, as they would be anyway; when a placeholder reaches the top, every
-    placeholder on the heap is evaluated in one `fetch` and put back with its real score and its original push
+    placeholder on the heap is evaluated in one request and put back with its real score and its original push
     number. The tree is therefore exactly the one a fully evaluated table gives, ties included.
     """
     tokens, parents, depths, scores = [int(root)], [-1], [0], [0.0]
@@ -196,7 +216,7 @@ def _search(root: int, row, fetch, k: int, budget: int) -> DraftTree:
             waiting = [item for item in heap if item[3] < 0]
             heap[:] = [item for item in heap if item[3] >= 0]
             heapq.heapify(heap)
-            fetch(sorted({item[2] for item in waiting}))
+            yield sorted({item[2] for item in waiting})
             for _, number, r, _, parent, _ in waiting:
                 push(r, 0, parent, number)
             continue
@@ -314,22 +334,37 @@ def lazy_conditional_tree(
     A B-node tree needs at most B + 1 rows where the full table has 1 + (D-1)*m. Returns the tree, exactly
     the one `conditional_tree` builds from the full table, and the number of rows evaluated.
     """
+    return run_steps(lazy_conditional_tree_steps(root, parent_tokens, budget, prefetch), evaluate)
+
+
+def lazy_conditional_tree_steps(
+    root: int, parent_tokens: Tensor, budget: int, prefetch: Tensor | None = None
+) -> Generator[Tensor, tuple[Tensor, Tensor], tuple[DraftTree, int]]:
+    """`lazy_conditional_tree` as a generator: it yields the row ids [R'] it needs and takes back their
+    (row_tokens [R', k], row_logprobs [R', k]), so that a caller can evaluate the rows of several searches in
+    one pass of the head (see `run_steps`)."""
     rows: dict[int, Row] = {}
 
-    def fetch(wanted) -> None:
-        ids = torch.tensor([r for r in wanted if r not in rows], dtype=torch.int64)
-        if ids.numel() == 0:
-            return
-        tokens, logprobs = evaluate(ids)
+    def missing(wanted) -> Tensor:
+        return torch.tensor([r for r in wanted if r not in rows], dtype=torch.int64)
+
+    def store(ids: Tensor, tokens: Tensor, logprobs: Tensor) -> None:
         next_row = _conditional_next_rows(ids, tokens, parent_tokens)
         for r, t, lp, nr in zip(ids.tolist(), tokens.tolist(), logprobs.tolist(), next_row.tolist()):
             rows[r] = (t, lp, nr)
 
-    first = [0] + ([] if prefetch is None else prefetch.tolist())
-    fetch(sorted(set(first)))
-    k = len(rows[0][0])
-    tree = _search(root, rows.get, fetch, k, budget)
-    return tree, len(rows)
+    first = missing(sorted(set([0] + ([] if prefetch is None else prefetch.tolist()))))
+    store(first, *(yield first))
+    search = _search_steps(root, rows.get, len(rows[0][0]), budget)
+    try:
+        wanted = next(search)
+        while True:
+            ids = missing(wanted)
+            if ids.numel():
+                store(ids, *(yield ids))
+            wanted = search.send(None)
+    except StopIteration as stop:
+        return stop.value, len(rows)
 
 
 def tree_attention_mask(tree: DraftTree) -> Tensor:
