@@ -1,5 +1,5 @@
 """A bounded load test of `treeflash serve` on loopback: requests/s, tokens/s and latency percentiles at
-concurrency 1, 4 and 8, for one-at-a-time serving (--max-active 1) against interleaved rounds (--max-active 8).
+concurrency 1, 4 and 8, for one-at-a-time serving (--max-batch 1) against batched rounds (--max-batch 8).
 
     python scripts/load_test.py                                  # starts both servers itself, then stops them
     python scripts/load_test.py --method treeflash --max-tokens 24 --out results/serving/load_cpu_treeflash
@@ -60,16 +60,16 @@ def free_port() -> int:
 class ServeProcess:
     """`treeflash serve` in a subprocess on a free loopback port; stopped on exit."""
 
-    def __init__(self, args, max_active: int, log_dir: Path):
-        self.max_active, self.port = max_active, free_port()
+    def __init__(self, args, max_batch: int, log_dir: Path):
+        self.max_batch, self.port = max_batch, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "treeflash.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--method", args.method, "--max-active", str(max_active), "--max-queue", "64"]
+                   "--method", args.method, "--max-batch", str(max_batch), "--max-queue", "64"]
         if args.target:
             command += ["--target", args.target]
         if args.drafter:
             command += ["--drafter", args.drafter]
-        self.log = open(log_dir / f"serve-max-active-{max_active}.log", "w")
+        self.log = open(log_dir / f"serve-max-batch-{max_batch}.log", "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, deadline: float) -> None:
@@ -113,7 +113,7 @@ def one_request(client: openai.OpenAI, model: str, prompt: str, args) -> dict:
     end = time.perf_counter()
     stats = last.model_extra["treeflash"]
     return {"latency": end - start, "ttft": (first or end) - start, "completion_tokens": last.usage.completion_tokens,
-            "tau": stats["tau"], "queue_seconds": stats["queue_seconds"]}
+            "tau": stats["tau"], "queue_seconds": stats["queue_seconds"], "text": "".join(text)}
 
 
 def run_level(url: str, model: str, concurrency: int, args, deadline: float) -> dict:
@@ -130,6 +130,7 @@ def run_level(url: str, model: str, concurrency: int, args, deadline: float) -> 
                 i = todo.pop(0)
             try:
                 r = one_request(client, model, PROMPTS[i % len(PROMPTS)], args)
+                r["prompt"] = i % len(PROMPTS)
                 with lock:
                     results.append(r)
             except Exception as e:  # counted and reported; the run goes on
@@ -155,10 +156,13 @@ def run_level(url: str, model: str, concurrency: int, args, deadline: float) -> 
         "concurrency": concurrency, "requests": len(results), "errors": errors,
         "complete": len(results) == args.requests, "wall_seconds": wall,
         "requests_per_second": len(results) / wall, "tokens_per_second": tokens / wall,
-        "latency_p50": pct(latency, 0.5), "latency_p90": pct(latency, 0.9), "latency_max": max(latency, default=None),
-        "ttft_p50": pct(ttft, 0.5), "ttft_p90": pct(ttft, 0.9), "ttft_max": max(ttft, default=None),
+        "latency_p50": pct(latency, 0.5), "latency_p90": pct(latency, 0.9), "latency_p99": pct(latency, 0.99),
+        "latency_max": max(latency, default=None),
+        "ttft_p50": pct(ttft, 0.5), "ttft_p90": pct(ttft, 0.9), "ttft_p99": pct(ttft, 0.99),
+        "ttft_max": max(ttft, default=None),
         "tau_mean": statistics.mean(r["tau"] for r in results if r["tau"] is not None) if results else None,
         "completion_tokens": tokens,
+        "texts": {r["prompt"]: r["text"] for r in results},
     }
 
 
@@ -174,6 +178,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, no GPU"
 
 
+def same_texts(level: dict, reference: dict | None) -> str:
+    """How many of the level's prompts got the text they got at concurrency 1 (greedy: all should)."""
+    if reference is None:
+        return "–"
+    shared = [k for k in level["texts"] if k in reference["texts"]]
+    same = sum(level["texts"][k] == reference["texts"][k] for k in shared)
+    return f"{same}/{len(shared)}"
+
+
 def markdown(report: dict) -> str:
     a = report["settings"]
     lines = [
@@ -185,22 +198,27 @@ def markdown(report: dict) -> str:
         "",
         f"Each level: {a['requests']} streamed chat completions, greedy, exactly {a['max_tokens']} new tokens each "
         "(`ignore_eos`), sent from as many client threads as the concurrency. tokens/s = completion tokens / wall "
-        "time of the level; latency = request to last byte; TTFT = request to first text. Seconds.",
+        "time of the level; x c1 = tokens/s over the same server's at concurrency 1; latency = request to last "
+        "byte; TTFT = request to first text. Seconds. (p99 of a level's few requests is close to its maximum.)",
         "",
-        "| serving | concurrency | requests | requests/s | tokens/s | latency p50 | p90 | max | TTFT p50 | p90 | max | tau |",
+        "| serving | concurrency | requests | requests/s | tokens/s | x c1 | latency p50 | p99 | TTFT p50 | p99 | tau "
+        "| texts as at c1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in report["modes"]:
+        c1 = next((lv for lv in mode["levels"] if lv["concurrency"] == 1 and lv["requests"]), None)
+        base = c1["tokens_per_second"] if c1 else None
         for lv in mode["levels"]:
             if not lv["requests"]:
                 lines.append(f"| {mode['name']} | {lv['concurrency']} | 0 (time limit) |" + " – |" * 9)
                 continue
             f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+            ratio = f"{lv['tokens_per_second'] / base:.2f}x" if base else "–"
             lines.append(
                 f"| {mode['name']} | {lv['concurrency']} | {lv['requests']}{'' if lv['complete'] else ' (incomplete)'} "
-                f"| {lv['requests_per_second']:.3f} | {lv['tokens_per_second']:.1f} | {f(lv['latency_p50'])} "
-                f"| {f(lv['latency_p90'])} | {f(lv['latency_max'])} | {f(lv['ttft_p50'])} | {f(lv['ttft_p90'])} "
-                f"| {f(lv['ttft_max'])} | {f(lv['tau_mean'])} |")
+                f"| {lv['requests_per_second']:.3f} | {lv['tokens_per_second']:.1f} | {ratio} | {f(lv['latency_p50'])} "
+                f"| {f(lv['latency_p99'])} | {f(lv['ttft_p50'])} | {f(lv['ttft_p99'])} | {f(lv['tau_mean'])} "
+                f"| {same_texts(lv, c1)} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -249,9 +267,9 @@ def main() -> None:
                    help="decoding method of every request (default: ar: with an untrained drafter tau is 1, so the "
                         "speculative methods commit the same tokens at a higher cost per round)")
     p.add_argument("--concurrency", default="1,4,8", help="client threads per level (default: 1,4,8)")
-    p.add_argument("--max-active", default="1,8",
-                   help="servers started here: their --max-active, 1 = one at a time (default: 1,8)")
-    p.add_argument("--requests", type=int, default=8, help="requests per level (default: 8)")
+    p.add_argument("--max-batch", default="1,8",
+                   help="servers started here: their --max-batch, 1 = one at a time (default: 1,8)")
+    p.add_argument("--requests", type=int, default=16, help="requests per level (default: 16)")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: 64)")
     p.add_argument("--time-limit", type=float, default=600, help="seconds for the whole run (default: 600)")
     p.add_argument("--request-timeout", type=float, default=300, help="seconds per request (default: 300)")
@@ -287,11 +305,11 @@ def main() -> None:
         if args.url:
             modes = [{"name": "running server", "url": args.url.rstrip("/")}]
         else:
-            for k in (int(m) for m in args.max_active.split(",")):
+            for k in (int(m) for m in args.max_batch.split(",")):
                 servers.append(ServeProcess(args, k, log_dir))
             for s in servers:
                 s.wait_ready(deadline)
-            modes = [{"name": "one at a time" if s.max_active == 1 else f"interleaved (max_active {s.max_active})",
+            modes = [{"name": "one at a time (max_batch 1)" if s.max_batch == 1 else f"batched (max_batch {s.max_batch})",
                       "url": s.url} for s in servers]
         model = model_id(modes[0]["url"])
         for mode in modes:  # warm-up: first-call costs stay out of the figures
@@ -315,7 +333,7 @@ def main() -> None:
         "load_average": f"{load_before:.1f} / {os.getloadavg()[0]:.1f}",
         "model": model,
         "drafter": args.drafter or ("shipped" if not args.url else "as served"),
-        "settings": {k: getattr(args, k) for k in ("method", "requests", "max_tokens", "concurrency", "max_active",
+        "settings": {k: getattr(args, k) for k in ("method", "requests", "max_tokens", "concurrency", "max_batch",
                                                    "time_limit")},
         "modes": [{"name": m["name"], "levels": m["levels"]} for m in modes],
     }

@@ -14,7 +14,8 @@ import pytest
 import treeflash
 from treeflash.cli import main
 from treeflash.decoding import DecodeConfig
-from treeflash.serving import Detokenizer, Server, ServeConfig, _safe_end, uvicorn_server
+from treeflash.scheduler import Detokenizer, _safe_end
+from treeflash.serving import Server, ServeConfig, uvicorn_server
 
 from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
 
@@ -50,8 +51,8 @@ def reference(model_dir):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def served(model_dir):  # noqa: F811
-    """The server under test: four generations interleaved, room for 32 waiting requests."""
-    config = ServeConfig(model_name=MODEL, max_active=4, max_queue=32, max_tokens_limit=LONG)
+    """The server under test: up to four generations batched, room for 32 waiting requests."""
+    config = ServeConfig(model_name=MODEL, max_batch=4, max_queue=32, max_tokens_limit=LONG)
     server = Server(treeflash.load(str(model_dir), "untrained"), config)
     with running(server) as (url, port):
         yield server, url, port
@@ -215,7 +216,30 @@ def test_sixteen_concurrent_requests_each_equal_their_sequential_reference(serve
     assert got == want
 
 
-def test_interleaving_lets_a_short_request_pass_a_long_one(served, client):
+def test_concurrent_requests_share_batched_rounds(served):
+    """Four long streams at once run in one batch: the engine holds all four, and the batch-size histogram
+    records rounds of four generations."""
+    server, url, port = served
+    wait_for(lambda: server.engine.active == 0)
+    before = metric(port, "treeflash_batch_size_bucket", le="2")
+    before_all = metric(port, "treeflash_batch_size_count")
+    c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+    streams = [c.completions.create(model=MODEL, prompt=f"w{i}", max_tokens=LONG, temperature=0, stream=True,
+                                    extra_body={"ignore_eos": True, "method": m})
+               for i, m in enumerate(["ar", "treeflash", "ddtree", "dflash"])]
+    for stream in streams:
+        next(iter(stream))
+    wait_for(lambda: server.engine.active == 4)
+    wait_for(lambda: metric(port, "treeflash_batch_size_count") - before_all >= 5)
+    rounds = metric(port, "treeflash_batch_size_count") - before_all
+    small = metric(port, "treeflash_batch_size_bucket", le="2") - before
+    assert small < rounds  # some rounds ran more than two generations together
+    for stream in streams:
+        stream.close()
+    wait_for(lambda: server.engine.active == 0)
+
+
+def test_a_short_request_passes_a_long_one(served, client):
     server, _, port = served
     long = client.completions.create(model=MODEL, prompt="w1", max_tokens=LONG, temperature=0, stream=True,
                                      extra_body={"ignore_eos": True})
@@ -296,9 +320,9 @@ def test_openai_client_sees_typed_errors(client):
 
 
 def test_a_full_queue_gets_503(model_dir):  # noqa: F811
-    """One at a time (max_active 1) with room for one waiting request: the third request is refused."""
+    """One at a time (max_batch 1) with room for one waiting request: the third request is refused."""
     server = Server(treeflash.load(str(model_dir), "untrained"),
-                    ServeConfig(model_name=MODEL, max_active=1, max_queue=1, max_tokens_limit=LONG))
+                    ServeConfig(model_name=MODEL, max_batch=1, max_queue=1, max_tokens_limit=LONG))
     with running(server) as (url, port):
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
         long = dict(model=MODEL, prompt="w1", max_tokens=LONG, temperature=0, stream=True,
@@ -353,7 +377,7 @@ def test_models_health_and_metrics(served, client):
     assert metric(port, "treeflash_tau_count", method="treeflash") >= 1
     assert metric(port, "treeflash_request_duration_seconds_count", endpoint="/v1/chat/completions") >= 1
     for name in ("treeflash_queue_length", "treeflash_active_generations", "treeflash_generated_tokens_total",
-                 "treeflash_time_to_first_token_seconds"):
+                 "treeflash_time_to_first_token_seconds", "treeflash_batch_size"):
         assert f"# TYPE {name} " in post(port, "/metrics", b"", method="GET")[1]["raw"]
 
 

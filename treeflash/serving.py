@@ -7,19 +7,15 @@ How a request flows:
 
     HTTP handler (asyncio)        parse and validate the body, tokenize the prompt  -> 400 on bad input
       -> Engine.submit            the request waits in a bounded queue              -> 503 when full
-      -> a worker thread          Decoder.generate, one round at a time; `on_tokens` turns each round's
-                                  committed tokens into text, cuts stop sequences, and hands the engine on
+      -> the engine thread        runs up to `max_batch` generations batched, one round at a time, turns
+                                  each round's committed tokens into text and cuts stop sequences
+                                  (treeflash.scheduler)
       -> asyncio.Queue            text deltas and the final outcome flow back to the handler
 
-The engine is not thread-safe, so at most one thread runs it at any moment: a thread holds the engine's
-*turn* (`_Turns`) while it runs a round. With `max_active` = 1 requests are served one at a time, in order.
-With `max_active` > 1 that many generations are admitted at once and pass the turn on after every round,
-so their rounds interleave (round-robin): short requests are not stuck behind long ones, but the target
-still runs one sequence per pass (see docs/serving.md for what a batched target pass would need).
-
-A client that disconnects sets its job's cancellation flag; the generation stops at its next round.
-Every error a client can cause is an OpenAI-format error, {"error": {"message", "type", "param", "code"}},
-with one sentence saying what was wrong; nothing a client sends can stop the server.
+This module is the HTTP layer: parsing, responses, errors, metrics. A client that disconnects cancels its
+job; the generation stops at its next round. Every error a client can cause is an OpenAI-format error,
+{"error": {"message", "type", "param", "code"}}, with one sentence saying what was wrong; nothing a client
+sends can stop the server.
 """
 
 from __future__ import annotations
@@ -36,12 +32,11 @@ import secrets
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 
-from .decoding import METHODS, DecodeConfig, DecodeResult, resolve_budget
+from .decoding import METHODS, DecodeConfig, resolve_budget
 from .errors import TreeFlashError
+from .scheduler import Engine, EngineBusy, Failure, Job, Outcome, Request
 
 log = logging.getLogger("treeflash.serve")
 
@@ -49,6 +44,7 @@ MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused (413) bef
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 STREAM_POLL_SECONDS = 0.25  # how often a non-streaming handler checks that its client is still there
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TAU_BUCKETS = (1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10, 12, 16)
 # Request fields for features this server does not implement: refused when set, rather than ignored.
 UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "function_call", "logit_bias", "echo", "suffix",
@@ -65,14 +61,14 @@ class ServeConfig:
     method: str = "treeflash"  # decoding method of requests that name none (one of METHODS)
     budget: int | None = None  # draft nodes per round for requests that name none; None = the method's default
     max_queue: int = 64  # requests that may wait for the engine; one more gets 503
-    max_active: int = 1  # generations in progress at once: 1 = one at a time; > 1 interleaves their rounds
+    max_batch: int = 8  # generations run at once, batched round by round; 1 = one request at a time
     max_tokens_limit: int = 1024  # the most new tokens a request may ask for; also the default max_tokens
     max_budget: int = 512  # the largest per-request budget (a tree's cost grows with it)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise TreeFlashError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name, low in (("port", 0), ("max_queue", 0), ("max_active", 1), ("max_tokens_limit", 1),
+        for name, low in (("port", 0), ("max_queue", 0), ("max_batch", 1), ("max_tokens_limit", 1),
                           ("max_budget", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -105,6 +101,10 @@ def _invalid(message: str, param: str | None = None, code: str | None = None) ->
     return APIError(400, message, param, code)
 
 
+def _server_error(failure: Failure) -> APIError:
+    return APIError(500, failure.message, type="server_error")
+
+
 _KIND_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false",
                list: "an array", dict: "an object"}
 
@@ -126,15 +126,11 @@ def _field(body: dict, name: str, kind: type, default=None):
 
 
 @dataclasses.dataclass
-class GenerationRequest:
-    """A validated completion request, ready for the engine."""
+class GenerationRequest(Request):
+    """A validated completion request, ready for the engine (prompt_ids, config, stops, stream: see Request)."""
 
-    kind: str  # "chat" or "text"
-    prompt_ids: list[int]
-    config: DecodeConfig  # budget resolved, seed drawn when sampling (both reported back)
-    stops: tuple[str, ...]  # cut from the text; the generation ends at the first one
-    stream: bool
-    include_usage: bool  # stream_options.include_usage: one more chunk, with usage and no choices
+    kind: str = "chat"  # "chat" or "text"
+    include_usage: bool = False  # stream_options.include_usage: one more chunk, with usage and no choices
 
 
 def _messages(body: dict) -> list[dict]:
@@ -189,263 +185,8 @@ def _refuse_unsupported(body: dict) -> None:
         raise _invalid("best_of must be 1: this server returns one choice per request", "best_of")
 
 
-# --------------------------------------------------------------------------------------------------
-# Text: committed tokens -> deltas, cut at stop sequences
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the earliest stop sequence starts in `text`, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _safe_end(text: str, stops: tuple[str, ...]) -> int:
-    """How much of `text` can be shown: not a trailing incomplete character (U+FFFD while its bytes are
-    split across tokens), nor a tail that may yet grow into a stop sequence."""
-    full = len(text.rstrip("\ufffd"))
-    end = full
-    for s in stops:
-        for k in range(min(len(s) - 1, full), 0, -1):
-            if text.endswith(s[:k], 0, full):
-                end = min(end, full - k)
-                break
-    return end
-
-
-class Detokenizer:
-    """Turns each round's committed tokens into the text to send, and finds stop sequences.
-
-    The text is decoded from all tokens every round (a token's text can depend on its neighbours, and it
-    is what `DecodeResult.text` holds); `completion_tokens` counts the tokens up to the one that completed
-    a stop sequence, so it does not depend on how many tokens the method committed in that round."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...] = ()):
-        self.decode, self.stops = decode, stops
-        self.tokens: list[int] = []
-        self.text = ""  # the generated text so far, cut at a stop sequence once one is found
-        self.shown = 0  # characters of `text` already handed out
-        self.stopped = False  # a stop sequence was found
-        self.completion_tokens = 0
-
-    def add(self, new: list[int]) -> str:
-        """Add committed tokens; return the text that is now safe to send."""
-        before = len(self.tokens)
-        self.tokens.extend(new)
-        text = self.decode(self.tokens)
-        cut = _first_stop(text, self.stops)
-        if cut is None:
-            self.text, self.completion_tokens = text, len(self.tokens)
-            return self._show(_safe_end(text, self.stops))
-        self.text, self.stopped = text[:cut], True
-        self.completion_tokens = next(k for k in range(before + 1, len(self.tokens) + 1)
-                                      if _first_stop(self.decode(self.tokens[:k]), self.stops) is not None)
-        return self._show(cut)
-
-    def finish(self) -> str:
-        """The text held back so far (the generation is over)."""
-        return self._show(len(self.text))
-
-    def _show(self, end: int) -> str:
-        delta = self.text[self.shown:end] if end > self.shown else ""
-        self.shown = max(self.shown, end)
-        return delta
-
-
-# --------------------------------------------------------------------------------------------------
-# The engine: a bounded queue, worker threads, and the turn that lets one of them run at a time
-
-
-class _Turns:
-    """A fair baton: the thread holding it runs the engine. `pass_on` gives it to the longest waiter."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._waiting: deque[object] = deque()
-        self._held = False
-
-    def _wait_for_turn(self) -> None:  # with self._cond held
-        me = object()
-        self._waiting.append(me)
-        self._cond.wait_for(lambda: not self._held and self._waiting[0] is me)
-        self._waiting.popleft()
-        self._held = True
-
-    def acquire(self) -> None:
-        with self._cond:
-            self._wait_for_turn()
-
-    def release(self) -> None:
-        with self._cond:
-            self._held = False
-            self._cond.notify_all()
-
-    def pass_on(self) -> None:
-        with self._cond:
-            if not self._waiting:
-                return
-            self._held = False
-            self._cond.notify_all()
-            self._wait_for_turn()
-
-
 class _Cancelled(Exception):
-    """Raised from `on_tokens` to end a generation whose client has gone."""
-
-
-class _StopSequence(Exception):
-    """Raised from `on_tokens` to end a generation that produced a stop sequence."""
-
-
-@dataclasses.dataclass
-class Outcome:
-    """How a generation ended: what the response reports."""
-
-    text: str
-    finish_reason: str  # OpenAI's: "stop" (EOS or a stop sequence) or "length" (max_tokens or the context)
-    prompt_tokens: int
-    completion_tokens: int
-    stats: dict  # the response's `treeflash` object (see `Engine._stats`)
-
-
-@dataclasses.dataclass(eq=False)  # hashed by identity: the engine keeps a set of its jobs
-class Job:
-    """One request inside the engine, and the way its events get back to the event loop."""
-
-    request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue  # str (a text delta, streaming only), then an Outcome or an APIError
-    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-    submitted: float = dataclasses.field(default_factory=time.perf_counter)
-
-    def emit(self, event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled.set()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
-class Engine:
-    """Runs jobs on `max_active` worker threads that take turns at the decoder, one round at a time."""
-
-    def __init__(self, decoder, max_active: int, max_queue: int, metrics: "Metrics"):
-        self.decoder, self.max_queue, self.metrics = decoder, max_queue, metrics
-        self.tokenizer_lock = threading.Lock()  # a Hugging Face tokenizer is not safe to share between threads
-        self._turns = _Turns()
-        self._pool = ThreadPoolExecutor(max_active, thread_name_prefix="treeflash-engine")
-        self._lock = threading.Lock()
-        self._jobs: set[Job] = set()
-        self.waiting = 0  # submitted, not started
-        self.active = 0  # started, not finished
-
-    def submit(self, job: Job) -> None:
-        with self._lock:
-            if self.waiting >= self.max_queue:
-                raise APIError(503, f"the server is busy: {self.waiting} requests are already waiting; retry later",
-                               code="server_overloaded", type="server_error")
-            self.waiting += 1
-            self._jobs.add(job)
-        self._pool.submit(self._run, job)
-
-    def close(self) -> None:
-        """Cancel every job (each running one stops at its next round) and stop the workers."""
-        with self._lock:
-            for job in self._jobs:
-                job.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _run(self, job: Job) -> None:
-        with self._lock:
-            self.waiting -= 1
-            self.active += 1
-        method = job.request.config.method
-        try:
-            self._turns.acquire()
-            try:
-                if job.cancelled.is_set():  # its client left while it waited: do not even prefill
-                    self.metrics.generations.inc((method, "cancelled"))
-                    return
-                self._generate(job)
-            finally:
-                self._turns.release()
-        except Exception as e:  # a bug or an exhausted resource: this request fails, the server goes on
-            log.exception("generation failed")
-            self.metrics.generations.inc((method, "error"))
-            job.emit(APIError(500, f"the generation failed ({type(e).__name__}: {e})", type="server_error"))
-        finally:
-            with self._lock:
-                self.active -= 1
-                self._jobs.discard(job)
-
-    def _decode(self, tokens: list[int]) -> str:
-        with self.tokenizer_lock:
-            return self.decoder.target.tokenizer.decode(tokens, skip_special_tokens=True)
-
-    def _generate(self, job: Job) -> None:
-        request, started = job.request, time.perf_counter()
-        method = request.config.method
-        text = Detokenizer(self._decode, request.stops)
-        calls = 0  # on_tokens calls: the prefill's first token, then one per round
-
-        def on_tokens(new: list[int]) -> None:
-            nonlocal calls
-            if job.cancelled.is_set():
-                raise _Cancelled
-            if calls == 0:
-                self.metrics.time_to_first_token.observe((method,), time.perf_counter() - job.submitted)
-            calls += 1
-            self.metrics.generated_tokens.inc((method,), len(new))
-            delta = text.add(new)
-            if delta and request.stream:
-                job.emit(delta)
-            if text.stopped:
-                raise _StopSequence
-            self._turns.pass_on()
-            if job.cancelled.is_set():
-                raise _Cancelled
-
-        result: DecodeResult | None = None
-        try:
-            result = self.decoder.generate(request.prompt_ids, request.config, on_tokens=on_tokens)
-        except _Cancelled:
-            self.metrics.generations.inc((method, "cancelled"))
-            return
-        except _StopSequence:
-            pass
-        delta = text.finish()
-        if delta and request.stream:
-            job.emit(delta)
-        finish = "stop" if result is None or result.stop_reason == "eos" else "length"
-        stats = self._stats(request.config, result, calls, len(text.tokens), started - job.submitted,
-                            time.perf_counter() - started)
-        self.metrics.generations.inc((method, finish))
-        if stats["tau"] is not None:
-            self.metrics.tau.observe((method,), stats["tau"])
-        job.emit(Outcome(text.text, finish, len(request.prompt_ids), text.completion_tokens, stats))
-
-    @staticmethod
-    def _stats(config: DecodeConfig, result: DecodeResult | None, calls: int, committed: int,
-               queue_seconds: float, seconds: float) -> dict:
-        """The response's `treeflash` object. tau as `DecodeResult.tau` defines it; a generation cut at a
-        stop sequence has no DecodeResult, but none of its rounds was truncated, so tau is the tokens its
-        rounds committed over its rounds (the prefill's first token is not a round's)."""
-        if result is not None:
-            rounds, tau, stop_reason = result.rounds, result.tau, result.stop_reason
-        else:
-            rounds, stop_reason = calls - 1, "stop_sequence"
-            tau = (committed - 1) / rounds if rounds else math.nan
-        return {
-            "method": config.method,
-            "budget": config.budget if config.method != "ar" else 0,
-            "rounds": rounds,
-            "tau": None if math.isnan(tau) else tau,
-            "seed": config.seed,
-            "stop_reason": stop_reason,  # "eos", "max_new_tokens", "context" or "stop_sequence"
-            "queue_seconds": queue_seconds,  # from arrival to the first turn at the engine
-            "seconds": seconds,  # from the first turn to the end, other requests' interleaved rounds included
-        }
+    """The client of a request has gone away."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,6 +259,8 @@ class Metrics:
         self.time_to_first_token = _Family("treeflash_time_to_first_token_seconds", "histogram",
                                            "From a request's arrival at the engine to its first token.",
                                            ("method",), LATENCY_BUCKETS)
+        self.batch_size = _Family("treeflash_batch_size", "histogram",
+                                  "Generations in each batched round (one target pass).", (), BATCH_BUCKETS)
         self.queue_length = _Family("treeflash_queue_length", "gauge", "Requests waiting for the engine.")
         self.active = _Family("treeflash_active_generations", "gauge", "Generations in progress.")
 
@@ -564,7 +307,7 @@ class Server:
         self.model_name = config.model_name or self.target.name
         self.created = int(time.time())
         self.metrics = Metrics()
-        self.engine = Engine(decoder, config.max_active, config.max_queue, self.metrics)
+        self.engine = Engine(decoder, config.max_batch, config.max_queue, self.metrics)
 
     # -- endpoints ----------------------------------------------------------------------------------
 
@@ -572,7 +315,10 @@ class Server:
         """POST /v1/chat/completions (kind "chat") or /v1/completions (kind "text")."""
         request = await self._parse(kind, body)
         job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
-        self.engine.submit(job)
+        try:
+            self.engine.submit(job)
+        except EngineBusy as e:
+            raise APIError(503, str(e), code="server_overloaded", type="server_error") from None
         self.metrics.prompt_tokens.inc((), len(request.prompt_ids))
         reply_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         if request.stream:
@@ -581,8 +327,8 @@ class Server:
             event = await self._next_event(job, disconnected)
         finally:
             job.cancel()  # the client left, or this is a no-op: the job is over
-        if isinstance(event, APIError):
-            raise event
+        if isinstance(event, Failure):
+            raise _server_error(event)
         return JSONReply(200, self._response(kind, reply_id, event))
 
     def models(self) -> JSONReply:
@@ -636,7 +382,8 @@ class Server:
                            "max_tokens", "context_length_exceeded")
         max_new_tokens = max_tokens or min(self.config.max_tokens_limit, limit - n)
         config = dataclasses.replace(config, max_new_tokens=max_new_tokens)
-        return GenerationRequest(kind, prompt_ids, config, stops, stream, include_usage)
+        return GenerationRequest(prompt_ids=prompt_ids, config=config, stops=stops, stream=stream, kind=kind,
+                                 include_usage=include_usage)
 
     def _decode_config(self, body: dict) -> tuple[DecodeConfig, int | None]:
         """Sampling and speculative fields -> a DecodeConfig, and max_tokens (None when not given; the
@@ -721,7 +468,7 @@ class Server:
     # -- responses ----------------------------------------------------------------------------------
 
     async def _next_event(self, job: Job, disconnected: Callable[[], Awaitable[bool]]):
-        """The job's next Outcome or APIError; text deltas are skipped. Raises _Cancelled if the client left."""
+        """The job's next Outcome or Failure; text deltas are skipped. Raises _Cancelled if the client left."""
         while True:
             try:
                 event = await asyncio.wait_for(job.events.get(), STREAM_POLL_SECONDS)
@@ -771,8 +518,8 @@ class Server:
                 if isinstance(event, str):
                     yield _sse(chunk(event))
                     continue
-                if isinstance(event, APIError):
-                    yield _sse(event.body())
+                if isinstance(event, Failure):
+                    yield _sse(_server_error(event).body())
                 else:
                     yield _sse({**chunk(None, event.finish_reason), "usage": self._usage(event),
                                 "treeflash": event.stats})
@@ -929,13 +676,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS, default=d.method,
                    help=f"decoding method of requests that name none (default: {d.method})")
     p.add_argument("--budget", type=int, default=None,
-                   help="draft nodes per round for requests that name none (default: the tuned budget, else 8 on "
+                   help="draft nodes per round for requests that name none (default: the tuned budget, else 4 on "
                         "a CPU and 64 on a GPU for trees; b-1 for dflash)")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help=f"requests that may wait for the engine; more get 503 (default: {d.max_queue})")
-    p.add_argument("--max-active", type=int, default=d.max_active,
-                   help="generations in progress at once: 1 serves one request at a time, more interleave their "
-                        f"rounds (default: {d.max_active})")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="generations run at once, batched: their rounds share the drafter's and the target's "
+                        f"passes; 1 serves one request at a time (default: {d.max_batch})")
     p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
                    help=f"the most new tokens a request may ask for, and the default (default: {d.max_tokens_limit})")
     p.add_argument("--max-budget", type=int, default=d.max_budget,
@@ -958,7 +705,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    drafter_dtype=getattr(args, "drafter_dtype", None))
     server = Server(decoder, config)
     logging.basicConfig(level=logging.INFO, format="[treeflash] %(message)s")
-    print(f"[treeflash] serving {server.model_name} (method {config.method}, max_active {config.max_active}) at "
+    print(f"[treeflash] serving {server.model_name} (method {config.method}, max_batch {config.max_batch}) at "
           f"http://{config.host}:{config.port}/v1", file=sys.stderr, flush=True)
     uvicorn_server(server, config.host, config.port).run()
     return 0
