@@ -126,6 +126,14 @@ def test_chat_greedy_equals_the_python_api_streamed_or_not(client, reference, me
     assert last.usage.completion_tokens == want.new_tokens and last.model_extra["treeflash"]["method"] == method
 
 
+def test_text_batch_api_equals_one_prompt_at_a_time(reference):
+    prompts = ["w1 w2", "w3", "w4 w5 w6"]
+    batched = reference.generate_text_batch(prompts, method="treeflash", max_new_tokens=12, stop_at_eos=False,
+                                            max_batch=2)
+    assert [r.text for r in batched] == [expected(reference, p, method="treeflash", max_new_tokens=12,
+                                                  stop_at_eos=False).text for p in prompts]
+
+
 def test_completion_takes_the_raw_prompt(client, reference):
     want = expected(reference, "w5 w6 w7", chat=False, max_new_tokens=20, stop_at_eos=False)
     kwargs = dict(model=MODEL, prompt="w5 w6 w7", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})

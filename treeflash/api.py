@@ -105,6 +105,13 @@ class TextDecoder(Decoder):
         ids = self.target.encode_prompt(prompt, chat=chat)
         return self.generate(ids, config or DecodeConfig(**fields), on_tokens=on_tokens)
 
+    def generate_text_batch(self, prompts: list[str], config: DecodeConfig | list[DecodeConfig] | None = None,
+                            chat: bool = True, max_batch: int = 8, **fields) -> list[DecodeResult]:
+        """`generate_text` for several prompts, at most `max_batch` at once, their rounds batched (see
+        `Decoder.generate_batch`); each result equals that prompt's `generate_text` alone."""
+        ids = [self.target.encode_prompt(p, chat=chat) for p in prompts]
+        return self.generate_batch(ids, config or DecodeConfig(**fields), max_batch=max_batch)
+
 
 def generate(prompt: str, target: str | None = None, drafter: str | None = None, chat: bool = True,
              **config) -> DecodeResult:
