@@ -226,7 +226,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .api import parse_dtype
+    from . import distributed
+    from .api import default_device, parse_dtype
     from .data import load_sequences
     from .drafters import load_drafter, new_drafter, save_drafter
     from .targets import load_target
@@ -234,8 +235,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     stage = args.step
     config = _train_config_from_args(args, stage)
+    ranks = distributed.from_environment()  # several under torchrun
+    distributed.check_batch(config.batch_size, ranks)
+    device = distributed.device_for(ranks, args.device or default_device())
     # In bfloat16 the frozen target runs in bf16 too: features and the LM head at AMX speed.
-    target = load_target(args.target, dtype=torch.bfloat16 if config.precision == "bfloat16" else torch.float32)
+    target = load_target(args.target, dtype=torch.bfloat16 if config.precision == "bfloat16" else torch.float32,
+                         device=device)
     if args.init:
         drafter = load_drafter(args.init, target, dtype=torch.float32)
         if stage == "head" and drafter.ar_approximation is None:
@@ -269,13 +274,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             copied = initialize_from_target(drafter, target)
             print(f"initialised {len(copied)} drafter tensors from the target's last layers", file=sys.stderr)
-    print(f"{len(sequences)} sequences from {config.features or args.data}; training the {stage} into {args.out}",
-          file=sys.stderr)
+    drafter.to(target.device)
+    if ranks.main:
+        print(f"{len(sequences)} sequences from {config.features or args.data}; training the {stage} into {args.out}"
+              + (f" on {ranks.world} ranks" if ranks.distributed else ""), file=sys.stderr)
     # A new drafter's fc is random, so it keeps its weights behind the feature scale; the identity fc that
     # --init-from-target builds (and a loaded drafter's) is exact only with the scale folded out of it.
     fresh_fc = not args.init and not getattr(args, "init_from_target", False)
-    metrics = train(drafter, target, None if config.features else sequences, config, args.out,
-                    max_steps=args.max_steps, log=lambda m: print(m, file=sys.stderr), fresh_fc=fresh_fc)
+    distributed.start(ranks, target.device)
+    try:
+        metrics = train(drafter, target, None if config.features else sequences, config, args.out,
+                        max_steps=args.max_steps, log=lambda m: print(m, file=sys.stderr), fresh_fc=fresh_fc,
+                        ranks=ranks)
+    finally:
+        distributed.stop(ranks)
+    if not ranks.main:
+        return 0
     if args.export and metrics["complete"]:
         save_drafter(drafter, args.export, dtype=parse_dtype(args.export_dtype),
                      extra={"training": {"command": " ".join(sys.argv), "metrics": metrics}})
@@ -301,13 +315,15 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
     from .training import TrainConfig
 
     d = TrainConfig(stage=stage)
-    lr = 6e-4 if stage == "drafter" else 1e-4
+    lr = 1e-3 if stage == "drafter" else 1e-4  # the drafter's: the shipped recipe (training/README.md)
     p.add_argument("--data", default=None, help="regenerated data (the --out of `treeflash train data`)")
     p.add_argument("--features", default=None,
                    help="a feature cache (`treeflash train features`): train on its sequences without running the "
                         "target (instead of --data)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl; resumes if it holds one")
     p.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cuda if available); under torchrun each rank takes cuda:LOCAL_RANK")
     p.add_argument("--init", default=None, help="start from this drafter checkpoint" +
                    (" (required: a trained drafter)" if stage == "head" else " (default: a new one)"))
     if stage == "drafter":

@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import distributed
 from .data import Sequence
+from .distributed import Ranks
 from .drafters import Drafter, check_compatible, save_drafter
 from .errors import TreeFlashError
 from .targets import Target
@@ -395,7 +397,18 @@ def row_losses(logits: Tensor, labels: Tensor, reference: Tensor | None, loss: s
 def batch_loss(drafter: Drafter, target: Target, examples: list[Example], config: TrainConfig,
                weights: Tensor) -> tuple[Tensor, int]:
     """Weighted loss of a batch's blocks (one drafter pass), and the number of labelled entries."""
+    total, weight, rows = batch_loss_terms(drafter, target, examples, config, weights)
+    return (total / weight if rows else total), rows
+
+
+def batch_loss_terms(drafter: Drafter, target: Target, examples: list[Example], config: TrainConfig,
+                     weights: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The batch loss before its normalisation: (sum of position-weighted row losses, sum of the weights,
+    number of labelled rows). Split so that ranks sharing a batch can normalise by the global weight sum."""
     device = target.device
+    if not examples:
+        zero = sum(p.sum() for p in drafter.parameters() if p.requires_grad) * 0.0
+        return zero, torch.zeros((), device=device), 0
     with torch.set_grad_enabled(config.stage == "drafter" or config.finetune_backbone):
         hidden = batch_hidden(drafter, target, examples)
     picked, labels, w, parents, finals = [], [], [], [], []
@@ -410,7 +423,9 @@ def batch_loss(drafter: Drafter, target: Target, examples: list[Example], config
             finals.append(e.final[e.blocks.positions[rows] - 1])
     hidden, labels, w = torch.cat(picked), torch.cat(labels).to(device), torch.cat(w).to(device)
     if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0, 0
+        # Every trainable weight still gets a (zero) gradient: ranks that share a step must all reduce them.
+        zero = sum(p.sum() for p in drafter.parameters() if p.requires_grad) * 0.0
+        return zero, torch.zeros((), device=device), 0
     reference = target_logits(drafter, target, torch.cat(finals)) if finals else None
     if config.stage == "drafter":
         per_row = row_losses(drafter.logits(target, hidden), labels, reference, config.loss)
@@ -422,7 +437,27 @@ def batch_loss(drafter: Drafter, target: Target, examples: list[Example], config
             # from its marginals: without their own loss, the head's KL alone pulls them down (measured:
             # chain tau 1.60 -> 1.44 in 8 minutes). So they keep the drafter stage's cross-entropy.
             per_row = per_row + row_losses(drafter.logits(target, hidden), labels, None, "ce")
-    return (per_row * w).sum() / w.sum(), hidden.shape[0]
+    return (per_row * w).sum(), w.sum().detach(), hidden.shape[0]
+
+
+class _BatchLoss(torch.nn.Module):
+    """`batch_loss_terms` as a module over the drafter, so that DistributedDataParallel can wrap it: DDP
+    reduces the gradients of the parameters a module's forward used."""
+
+    def __init__(self, drafter: Drafter, target: Target, config: TrainConfig, weights: Tensor):
+        super().__init__()
+        self.drafter = drafter
+        self._context = (target, config, weights)  # not modules: kept out of DDP's parameter walk
+
+    def forward(self, examples: list[Example]) -> tuple[Tensor, Tensor, int]:
+        target, config, weights = self._context
+        return batch_loss_terms(self.drafter, target, examples, config, weights)
+
+
+def _example_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The anchors' random stream of the index-th sequence of a step's batch: a function of (seed, step,
+    index) alone, so a resumed run and ranks sharing a batch draw what one uninterrupted process draws."""
+    return torch.Generator().manual_seed(((seed + 1) * 1_000_003 ** 2 + step * 1_000_003 + index) & ((1 << 63) - 1))
 
 
 @torch.no_grad()
@@ -500,13 +535,11 @@ def _check_disk(path: Path, need_bytes: int) -> None:
                              f"{free >> 20} MB are free; free some space or choose another --out")
 
 
-def save_checkpoint(out: Path, drafter: Drafter, optimizer, step: int, generator: torch.Generator, meta: dict,
-                    seconds: float = 0.0) -> None:
+def save_checkpoint(out: Path, drafter: Drafter, optimizer, step: int, meta: dict, seconds: float = 0.0) -> None:
     size = sum(p.numel() * p.element_size() for p in drafter.parameters())
     _check_disk(out, 3 * size)
     save_drafter(drafter, out / DRAFTER_DIR, extra={"training": meta})
-    state = {"step": step, "seconds": seconds, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-             "meta": meta}
+    state = {"step": step, "seconds": seconds, "optimizer": optimizer.state_dict(), "meta": meta}
     tmp = out / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
     tmp.replace(out / STATE_FILE)
@@ -522,6 +555,7 @@ def train(
     progress: bool = True,
     log=print,
     fresh_fc: bool = False,
+    ranks: Ranks = Ranks(),
 ) -> dict:
     """Train `drafter` in place, checkpointing to `out` (resumes from it when a checkpoint is there).
 
@@ -529,10 +563,15 @@ def train(
     `fresh_fc`: the drafter's `fc` is newly initialised, so its weights start as they are behind the feature
     scale (see feature_scale) instead of the scale being undone in them.
     `max_steps` stops early (for sittings; the schedule still spans the whole run). Returns the last metrics.
+    ranks: this process's place in a data-parallel run (`treeflash.distributed`; the process group must be
+    started): each rank trains on its share of every global batch, rank 0 logs, validates and checkpoints.
     """
     from tqdm.auto import tqdm
 
     check_compatible(drafter, target)
+    distributed.check_batch(config.batch_size, ranks)
+    if not ranks.main:
+        log, progress = (lambda message: None), False
     layers = drafter.config.target_layer_ids
     if config.features:
         from .features import FeatureCache
@@ -570,7 +609,6 @@ def train(
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed + 1)
     step, elapsed = 0, 0.0
     state_file = out / STATE_FILE
     if state_file.exists():
@@ -584,12 +622,15 @@ def train(
         drafter.load_state_dict(saved.state_dict())  # saved with the scale folded in
         scale_features(drafter, scale)
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
         step, elapsed = state["step"], state.get("seconds", 0.0)
         log(f"resuming {out} at step {step}" + (f", {elapsed / 60:.1f} of {config.time_budget} minutes" if budget
                                                  else f"/{total}"))
 
     weights = position_weights(drafter.block_size, config.gamma or default_gamma(drafter.block_size))
+    module = _BatchLoss(drafter, target, config, weights)
+    if ranks.distributed:
+        device_ids = [target.device] if target.device.type == "cuda" else None
+        module = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
     drafter.train()
     stop = total if max_steps is None else min(total, step + max_steps)
     if budget is not None:
@@ -600,32 +641,46 @@ def train(
     log_file = out / "log.jsonl"
     started = time.perf_counter() - elapsed
 
-    def finished() -> bool:
-        return step >= stop or (budget is not None and time.perf_counter() - started >= budget)
+    def clock() -> float:  # training seconds so far, rank 0's on every rank: they take the same decisions
+        return distributed.from_main(time.perf_counter() - started, ranks, target.device)
 
-    while not finished():
+    def finished(seconds: float) -> bool:
+        return step >= stop or (budget is not None and seconds >= budget)
+
+    seconds = clock()
+    while not finished(seconds):
         epoch, index = divmod(step * config.batch_size, len(train_set))
         epoch_order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed + 1000 + epoch))
-        lr = learning_rate_at((time.perf_counter() - started) / budget, config) if budget else learning_rate(step, total, config)
+        lr = learning_rate_at(seconds / budget, config) if budget else learning_rate(step, total, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        batch = [train_set[int(epoch_order[(index + i) % len(train_set)])] for i in range(config.batch_size)]
-        examples = [e for e in (make_example(seq, source, config, drafter, generator) for seq in batch) if e is not None]
-        loss, rows = torch.zeros(()), 0
-        if examples:
+        batch = [(i, train_set[int(epoch_order[(index + i) % len(train_set)])]) for i in range(config.batch_size)]
+        examples = [e for e in (make_example(seq, source, config, drafter, _example_generator(config.seed, step, i))
+                                for i, seq in distributed.share(batch, ranks)) if e is not None]
+        try:
             with autocast(config, target.device):
-                loss, rows = batch_loss(drafter, target, examples, config, weights)
-            if rows:
-                loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)) if rows else 0.0
+                total_loss, weight, rows = module(examples)
+            # Normalised by the global weight sum; DDP averages gradients over ranks, hence the factor.
+            counts = torch.tensor([float(rows), float(len(examples))], device=weight.device)
+            sums = distributed.all_sum(torch.cat([torch.stack([total_loss.detach().float(), weight.float()]), counts]),
+                                       ranks)  # [loss sum, weight sum, rows, sequences] over the ranks
+            global_rows = int(sums[2])
+            if global_rows:  # every rank then takes part in DDP's gradient reduction, its own rows or not
+                (total_loss * ranks.world / sums[1]).backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)) if global_rows else 0.0
+        except RuntimeError as e:
+            if ranks.distributed:
+                raise distributed.lost_peer(ranks, step, e) from e
+            raise
         optimizer.step()
         step += 1
         bar.update(1)
-        record = {"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm,
-                  "sequences": len(examples), "rows": rows, "seconds": time.perf_counter() - started}
+        seconds = clock()
+        record = {"step": step, "loss": float(sums[0] / sums[1]) if global_rows else 0.0, "lr": lr,
+                  "grad_norm": grad_norm, "sequences": int(sums[3]), "rows": global_rows, "seconds": seconds}
         bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if step % config.eval_every == 0 or finished():
+        if ranks.main and (step % config.eval_every == 0 or finished(seconds)):
             drafter.eval()
             evaluation_started = time.perf_counter()
             with autocast(config, target.device):
@@ -637,13 +692,14 @@ def train(
             log(f"step {step}: loss {record['loss']:.3f}, val {name} chain tau {metrics[f'{name}_chain_tau']:.3f}, "
                 f"top-1 by position {profile(metrics[f'{name}_top1'])}, anchor sensitivity "
                 f"{metrics['anchor_sensitivity']:.3g}")
-        with open(log_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if step % config.save_every == 0 or finished():
-            save_checkpoint(out, drafter, optimizer, step, generator, meta, time.perf_counter() - started)
+        if ranks.main:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if step % config.save_every == 0 or finished(seconds):
+                save_checkpoint(out, drafter, optimizer, step, meta, time.perf_counter() - started)
     bar.close()
     scale_features(drafter, None)
     drafter.eval()
     drafter.requires_grad_(False)
-    complete = step >= total if budget is None else time.perf_counter() - started >= budget
+    complete = step >= total if budget is None else seconds >= budget
     return {"step": step, "total_steps": total if budget is None else step, "complete": complete, **metrics}

@@ -1,0 +1,138 @@
+"""Data-parallel training under torchrun (gloo on the CPU): the same steps as one process, exact resume, and
+a clear error instead of a hang when a rank dies. Every run is a real `treeflash train` subprocess."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
+
+STEPS = 4  # 8 training sequences, a global batch of 4, 2 epochs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("data")
+    records = [{"id": f"r{i}", "prompt_ids": torch.randint(5, 97, (4,), generator=g).tolist(),
+                "response_ids": torch.randint(5, 97, (14,), generator=g).tolist()} for i in range(10)]
+    (path / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_args(model_dir, data, out, *extra):  # noqa: F811
+    return ["-m", "treeflash.cli", "train", "drafter", "--data", str(data), "--out", str(out), "--target",
+            str(model_dir), "--block-size", "4", "--target-layers", "2", "--anchors", "3", "--batch-size", "4",
+            "--epochs", "2", "--val-sequences", "2", "--eval-every", "3", "--save-every", "1", *extra]
+
+
+def _env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TREEFLASH_DIST_TIMEOUT": "60", **extra}
+
+
+def _run(argv, **kwargs):
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=240, env=_env(), **kwargs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _torchrun(argv, nproc=2):
+    return _run(["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                 "--master_port", str(_free_port()), *argv])
+
+
+def _weights(out):
+    return load_file(str(out / "drafter" / "model.safetensors"))
+
+
+def _close(a, b, tolerance):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=tolerance, rtol=tolerance, msg=name)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(model_dir, data, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("ranks") / "run"
+    _torchrun(_train_args(model_dir, data, out))
+    return out
+
+
+def test_distributed_two_gloo_ranks_take_the_steps_of_one_process(model_dir, data, two_ranks, tmp_path):  # noqa: F811
+    one = tmp_path / "one"
+    _run(_train_args(model_dir, data, one))  # the same command without torchrun
+    _close(_weights(two_ranks), _weights(one), 1e-5)
+    log_two = [json.loads(line) for line in (two_ranks / "log.jsonl").read_text().splitlines()]
+    log_one = [json.loads(line) for line in (one / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_two] == list(range(1, STEPS + 1))  # rank 0 alone writes the log
+    assert [r["sequences"] for r in log_two] == [r["sequences"] for r in log_one] == [4] * STEPS
+    assert [r["rows"] for r in log_two] == [r["rows"] for r in log_one]
+    for a, b in zip(log_two, log_one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert "anchor_sensitivity" in log_two[2] and "anchor_sensitivity" in log_two[-1]
+    # A drafter that is not trained at all would differ: the comparison above can fail.
+    untouched = tmp_path / "zero"
+    _run(_train_args(model_dir, data, untouched, "--max-steps", "1"))
+    with pytest.raises(AssertionError):
+        _close(_weights(untouched), _weights(one), 1e-5)
+
+
+def test_distributed_run_resumes_under_torchrun(model_dir, data, two_ranks, tmp_path):  # noqa: F811
+    out = tmp_path / "resumed"
+    _torchrun(_train_args(model_dir, data, out, "--max-steps", "2"))
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
+    done = _torchrun(_train_args(model_dir, data, out))
+    assert "resuming" in done.stderr and "at step 2" in done.stderr
+    _close(_weights(out), _weights(two_ranks), 1e-6)
+
+
+def test_distributed_a_global_batch_smaller_than_the_ranks_is_refused(model_dir, data, tmp_path):  # noqa: F811
+    argv = _train_args(model_dir, data, tmp_path / "run")
+    argv[argv.index("--batch-size") + 1] = "1"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_free_port()), *argv],
+                          capture_output=True, text=True, timeout=240, env=_env())
+    assert done.returncode != 0
+    assert "a global batch of 1 sequences cannot be shared by 2 ranks" in done.stderr
+
+
+def test_distributed_a_dead_rank_gives_a_clear_error_not_a_hang(model_dir, data, tmp_path):  # noqa: F811
+    """Two ranks started as torchrun would start them; rank 1 is killed mid-run. Rank 0 must stop soon, with
+    an error that says what happened (not wait for the collective timeout, nor forever)."""
+    out = tmp_path / "run"
+    argv = _train_args(model_dir, data, out)
+    argv[argv.index("--epochs") + 1] = "500"  # long enough to be killed in the middle
+    port = str(_free_port())
+    ranks = [subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline and ranks[0].poll() is None, "training did not start"
+            time.sleep(0.2)
+        ranks[1].send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        _, err = ranks[0].communicate(timeout=50)  # well under TREEFLASH_DIST_TIMEOUT (60 s)
+        assert ranks[0].returncode != 0
+        assert "lost contact with the other ranks" in err and "another rank failed or stopped" in err, err[-2000:]
+        assert time.monotonic() - started < 50
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
