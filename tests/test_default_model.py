@@ -92,3 +92,33 @@ def test_the_shipped_drafter_reads_its_anchor(target):
     top1 = metrics["marginal_top1"]
     assert metrics["anchor_sensitivity"] > 0.5, metrics
     assert top1[0] > 0.25 and top1[0] > top1[-1] + 0.1, top1
+
+
+def test_the_shipped_drafter_exported_for_vllm_drafts_what_it_drafted(target, tmp_path, capsys):
+    """`treeflash export shipped OUT --format vllm`: the config and weights vLLM's DFlash loader reads, and the
+    export, loaded back here, drafts exactly what the shipped drafter drafts (the dflash method, greedy)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from treeflash.api import SHIPPED_DRAFTERS
+    from treeflash.cli import main
+    from treeflash.drafters import load_drafter
+
+    assert main(["export", "shipped", str(tmp_path / "vllm"), "--format", "vllm"]) == 0
+    config = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert config["block_size"] == 8 and config["architectures"] == ["DFlashDraftModel"]
+    assert set(config["dflash_config"]) == {"target_layer_ids", "mask_token_id"}
+    weights = load_file(str(tmp_path / "vllm" / "model.safetensors"))
+    assert {"fc.weight", "hidden_norm.weight", "norm.weight", "d2t", "lm_head.weight"} <= set(weights)
+    assert any(k.startswith("layers.0.") for k in weights)
+    shipped = load_drafter(SHIPPED_DRAFTERS[target.name], target)
+    exported = load_drafter(tmp_path / "vllm", target)
+    ids = target.encode_prompt(PROMPTS[0])
+    config = DecodeConfig(method="dflash", max_new_tokens=48)
+    a, b = Decoder(target, shipped).generate(ids, config), Decoder(target, exported).generate(ids, config)
+    assert a.token_ids == b.token_ids and a.acceptance_lengths == b.acceptance_lengths
+    features = target.forward(torch.tensor(ids), torch.arange(len(ids)), target.new_cache(len(ids)),
+                              feature_layers=shipped.config.target_layer_ids, logits_rows=None).features
+    assert torch.equal(shipped.draft(target, 7, features, shipped.new_cache(256)).logits,
+                       exported.draft(target, 7, features, exported.new_cache(256)).logits)

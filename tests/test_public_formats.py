@@ -8,12 +8,14 @@ Tolerances are float32-sized: transformers' RMSNorm computes in float32 even for
 import json
 import math
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from treeflash.drafters import load_drafter
+from treeflash.errors import TreeFlashError
 
-from helpers import tiny_target
+from helpers import tiny_drafter, tiny_target
 
 H, HEADS, KV, HD, I, LAYERS, B, MASK = 32, 4, 2, 8, 64, 2, 6, 96
 LAYER_IDS = [1, 2, 4]
@@ -157,3 +159,84 @@ def test_our_checkpoint_is_readable_in_the_public_layouts(tmp_path):
         else:
             assert "fc.weight" in keys and "layers.0.self_attn.q_norm.weight" in keys
             assert not any(k.startswith(("model.", "ar_")) for k in keys)
+
+
+# -- `treeflash export` -------------------------------------------------------------------------------
+
+
+def _vocab_drafter(target):
+    from treeflash.drafters import new_drafter
+
+    drafter = new_drafter(target, num_hidden_layers=2, block_size=8, target_layer_ids=(1, 2, 4),
+                          mask_token_id=target.vocab_size - 1, ar_intermediate_size=48,
+                          draft_vocab=torch.arange(5, 60))
+    full = tiny_drafter(target)
+    drafter.load_state_dict(full.state_dict() | {"draft_vocab": drafter.draft_vocab})
+    return drafter
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "sglang", "zlab"])
+def test_export_writes_the_engine_layout_and_drafts_what_it_drafted(fmt, tmp_path):
+    from safetensors.torch import load_file
+
+    from treeflash.export import export_drafter
+
+    target = tiny_target("qwen3")
+    drafter = tiny_drafter(target)  # with a TreeFlash head, full vocabulary
+    report = export_drafter(drafter, tmp_path / fmt, fmt)
+    assert report.dropped_head
+    config = json.loads((tmp_path / fmt / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"] and config["model_type"] == "qwen3"
+    assert config["block_size"] == 8 and config["num_target_layers"] == target.num_layers
+    assert config["dflash_config"] == {"target_layer_ids": [1, 2, 4], "mask_token_id": target.vocab_size - 1}
+    assert "treeflash_config" not in config and "draft_vocab_size" not in config
+    weights = load_file(str(tmp_path / fmt / "model.safetensors"))
+    assert {"fc.weight", "hidden_norm.weight", "norm.weight", "layers.0.self_attn.q_norm.weight",
+            "layers.1.mlp.down_proj.weight"} <= set(weights)
+    assert not any(k.startswith(("model.", "ar_approximation.", "lm_head", "embed")) for k in weights)
+    loaded = load_drafter(tmp_path / fmt, target)
+    assert loaded.ar_approximation is None
+    feats = _features(target)
+    ours = drafter.draft(target, 7, feats, drafter.new_cache(32))
+    again = loaded.draft(target, 7, feats, loaded.new_cache(32))
+    assert torch.equal(ours.logits, again.logits)  # the marginals: what a DFlash engine drafts from
+
+
+def test_export_for_vllm_keeps_a_reduced_draft_vocabulary_as_lm_head_and_d2t(tmp_path):
+    from safetensors.torch import load_file
+
+    from treeflash.export import export_drafter
+
+    target = tiny_target("llama")
+    drafter = _vocab_drafter(target)
+    report = export_drafter(drafter, tmp_path / "v", "vllm", target=target)
+    assert report.draft_vocab_size == 55
+    weights = load_file(str(tmp_path / "v" / "model.safetensors"))
+    assert weights["lm_head.weight"].shape == (55, target.hidden_size)
+    assert torch.equal(torch.arange(55) + weights["d2t"], torch.arange(5, 60))  # EAGLE-3's offsets
+    torch.testing.assert_close(weights["lm_head.weight"], target.lm_head.weight[5:60].to(weights["lm_head.weight"]))
+    assert json.loads((tmp_path / "v" / "config.json").read_text())["draft_vocab_size"] == 55
+    loaded = load_drafter(tmp_path / "v", target)
+    assert torch.equal(loaded.draft_vocab, drafter.draft_vocab)
+    feats = _features(target)
+    assert torch.equal(drafter.draft(target, 7, feats, drafter.new_cache(32)).logits,
+                       loaded.draft(target, 7, feats, loaded.new_cache(32)).logits)
+    with pytest.raises(TreeFlashError, match="not the target's LM head"):
+        load_drafter(tmp_path / "v", tiny_target("llama", seed=9))
+
+
+def test_export_refuses_what_an_engine_cannot_load(tmp_path):
+    from treeflash.export import export_drafter
+
+    target = tiny_target("llama")
+    drafter = _vocab_drafter(target)
+    with pytest.raises(TreeFlashError, match="SGLang drafts over the target's whole vocabulary.*--full-vocabulary"):
+        export_drafter(drafter, tmp_path / "s", "sglang")
+    with pytest.raises(TreeFlashError, match="pass --target"):
+        export_drafter(drafter, tmp_path / "v", "vllm")
+    with pytest.raises(TreeFlashError, match="unknown export format"):
+        export_drafter(drafter, tmp_path / "x", "tensorrt")
+    report = export_drafter(drafter, tmp_path / "s", "sglang", full_vocabulary=True)
+    assert report.dropped_draft_vocab and load_drafter(tmp_path / "s", target).draft_vocab is None
+    with pytest.raises(TreeFlashError, match="is not empty"):
+        export_drafter(drafter, tmp_path / "s", "sglang", full_vocabulary=True)

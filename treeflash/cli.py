@@ -160,6 +160,25 @@ def cmd_new_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .api import SHIPPED_DRAFTERS, parse_dtype
+    from .drafters import check_compatible, load_drafter
+    from .export import export_drafter
+    from .targets import DEFAULT_TARGET, load_target
+
+    path = SHIPPED_DRAFTERS[DEFAULT_TARGET] if args.drafter == "shipped" else args.drafter
+    target_name = args.target or (DEFAULT_TARGET if args.drafter == "shipped" else None)
+    target = load_target(target_name) if target_name else None
+    drafter = load_drafter(path)  # in the checkpoint's own dtype (with a target it would take the target's)
+    if target is not None:
+        check_compatible(drafter, target)
+    report = export_drafter(drafter, args.out, args.format, target=target, full_vocabulary=args.full_vocabulary,
+                            dtype=parse_dtype(args.dtype) if args.dtype else None)
+    for line in report.lines():
+        print(line, file=sys.stderr)
+    return 0
+
+
 def cmd_train_data(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -394,6 +413,20 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     n.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: float32)")
     n.set_defaults(func=cmd_new_drafter)
+
+    from .export import FORMATS
+
+    e = sub.add_parser("export", help="write a drafter's DFlash backbone for vLLM, SGLang or the z-lab code")
+    e.add_argument("drafter", help="the drafter's directory, or 'shipped' for the default target's")
+    e.add_argument("out", help="a new output directory")
+    e.add_argument("--format", required=True, choices=FORMATS, help="the engine that will load it")
+    e.add_argument("--target", default=None,
+                   help="the drafter's target (needed for a reduced draft vocabulary; default: the embedded "
+                        "SmolLM2-135M-Instruct for 'shipped')")
+    e.add_argument("--full-vocabulary", action="store_true",
+                   help="drop a reduced draft vocabulary, for engines that draft over the target's whole one")
+    e.add_argument("--dtype", default=None, help="dtype of the written weights (default: the checkpoint's)")
+    e.set_defaults(func=cmd_export)
 
     from .serving import add_serve_flags
 

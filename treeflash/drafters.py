@@ -572,6 +572,13 @@ def load_drafter(path: str | Path, target: Target | None = None, dtype: torch.dt
         config.ar_intermediate_size = sd["ar_approximation.d.weight"].shape[1]
     config.ar_head = has_head or config.ar_head
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    # vLLM's reduced draft vocabulary (`treeflash export --format vllm`): an own LM head of the target's rows
+    # for draft ids, and d2t with target id = draft id + d2t[draft id]. We borrow the target's head instead.
+    own_head = sd.pop("lm_head.weight", None)
+    if "d2t" in sd:
+        d2t = sd.pop("d2t").long()
+        sd["draft_vocab"] = torch.arange(d2t.numel()) + d2t
+        config.draft_vocab_size = d2t.numel()
     stored_dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
     drafter = Drafter(config).to(stored_dtype)
     if not has_head and config.ar_head:
@@ -586,6 +593,13 @@ def load_drafter(path: str | Path, target: Target | None = None, dtype: torch.dt
         ) from None
     if target is not None:
         check_compatible(drafter, target)
+        if own_head is not None:
+            rows = target.lm_head.weight.detach().cpu()
+            rows = rows if drafter.draft_vocab is None else rows[drafter.draft_vocab.cpu()]
+            if rows.shape != own_head.shape or not torch.allclose(rows.to(own_head.dtype).float(), own_head.float(),
+                                                                  atol=1e-2, rtol=1e-2):
+                raise TreeFlashError(f"the lm_head in {path} is not the target's LM head (for its draft vocabulary); "
+                                     "this drafter was exported for another target")
         drafter.to(device=target.device, dtype=dtype or target.dtype)
     elif dtype is not None:
         drafter.to(dtype)
