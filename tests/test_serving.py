@@ -403,3 +403,76 @@ def test_text_is_held_back_while_it_may_start_a_stop_sequence():
     assert text.add([ord("x"), ord("y"), ord("z"), ord("c")]) == "" and text.stopped
     assert text.text == "axyb" and text.completion_tokens == 7  # up to the token that completed the stop
     assert _safe_end("ab\ufffd", ()) == 2 and _safe_end("abxy", ("xyz", "bx!")) == 2
+
+
+# -- regeneration through a server -----------------------------------------------------------------
+
+
+def test_regeneration_through_treeflash_serve_equals_in_process_at_t0(served, model_dir, tmp_path):  # noqa: F811
+    """`treeflash train data --server URL` against `treeflash serve` on loopback writes the records that
+    in-process regeneration writes: prompts sent as token ids, responses returned as token ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from treeflash.data import Prompt, load_sequences, regenerate, regenerate_via_server
+
+    url = served[1]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    prompts = [Prompt(f"p{i}", f"w{3 + i} w{40 + i} w{7 * i % 90}") for i in range(7)]
+    local = regenerate(model, tokenizer, prompts, tmp_path / "local", max_new_tokens=20, batch_size=3,
+                       progress=False)
+    remote = regenerate_via_server(url, tokenizer, prompts, tmp_path / "remote", eos_token_id=1, max_new_tokens=20,
+                                   batch_size=3, concurrency=3, progress=False)
+    assert remote["retokenized"] == 0 and remote["shards"] == local["shards"] == 3
+    for name in ("shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"):
+        assert (tmp_path / "remote" / name).read_text() == (tmp_path / "local" / name).read_text()
+    assert len(load_sequences(tmp_path / "remote")) == 7
+    again = regenerate_via_server(url, tokenizer, prompts, tmp_path / "remote", eos_token_id=1, max_new_tokens=20,
+                                  batch_size=3, progress=False)
+    assert again["written_now"] == 0  # resumed: every shard was already there
+
+
+def test_the_completion_client_retries_and_retokenises_text_only_replies(model_dir):  # noqa: F811
+    """A server that answers 503 once and then returns text without token ids (as SGLang does): the client
+    retries, re-tokenises the text, appends EOS at a "stop" and checks the round trip."""
+    import http.server
+
+    from transformers import AutoTokenizer
+
+    from treeflash.client import CompletionClient
+
+    calls = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def _reply(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._reply(200, {"data": [{"id": "flaky"}]})
+
+        def do_POST(self):
+            calls.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            if len(calls) == 1:
+                return self._reply(503, {"error": {"message": "busy"}})
+            self._reply(200, {"choices": [{"text": "w5 w6", "finish_reason": "stop"}]})
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        client = CompletionClient(f"http://127.0.0.1:{httpd.server_address[1]}", backoff=0.01)
+        assert client.model == "flaky"
+        done = client.complete([2, 10, 3], 8, 0.0, None, tokenizer=tokenizer, eos_token_id=1)
+    finally:
+        httpd.shutdown()
+    assert len(calls) == 2 and calls[1]["prompt"] == [2, 10, 3] and calls[1]["return_token_ids"] is True
+    assert done.token_ids == [10, 11, 1] and not done.from_server and done.round_trip

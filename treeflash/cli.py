@@ -197,6 +197,22 @@ def cmd_train_data(args: argparse.Namespace) -> int:
           f"HumanEval; regenerating {len(kept)} responses with the target", file=sys.stderr)
     from .api import parse_dtype
 
+    if args.server:  # the target's tokenizer templates the prompts; a running server generates
+        from transformers import AutoTokenizer
+
+        from .data import regenerate_via_server
+        from .targets import DEFAULT_TARGET, default_target_path
+
+        name = args.target or DEFAULT_TARGET
+        path = default_target_path() if name == DEFAULT_TARGET else name
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        eos = tokenizer.eos_token_id
+        counts = regenerate_via_server(args.server, tokenizer, kept, out, eos, model=args.server_model,
+                                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                                       batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
+                                       concurrency=args.concurrency, retries=args.retries, target_name=name)
+        print(json.dumps(counts))
+        return 0
     target = load_target(args.target, dtype=parse_dtype(args.dtype))
     counts = regenerate(target.model, target.tokenizer, kept, out, max_new_tokens=args.max_new_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
@@ -473,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     d.add_argument("--dtype", default="float32",
                    help="target dtype for generation; bfloat16 is ~3x faster on CPUs with AMX (default: float32)")
+    d.add_argument("--server", default=None,
+                   help="generate through a running OpenAI-compatible server (vLLM, SGLang, treeflash serve) at this "
+                        "URL instead of in this process; --target then only gives the tokenizer")
+    d.add_argument("--server-model", default=None, help="the model id to ask the server for (default: its first)")
+    d.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server (default: 8)")
+    d.add_argument("--retries", type=int, default=5,
+                   help="tries again after a failed request, with backoff, with --server (default: 5)")
     d.set_defaults(func=cmd_train_data)
     from .features import DEFAULT_SHARD_SEQUENCES
 

@@ -23,7 +23,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -222,38 +222,11 @@ def regenerate(
     templated as one user turn; prompts longer than `max_prompt_tokens` are skipped rather than cut, since a
     cut prompt is not what a user would send. Returns counts.
     """
-    from tqdm.auto import tqdm
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
-            "temperature": temperature, "seed": seed, "prompts": len(prompts),
-            "target": target_name or getattr(model.config, "_name_or_path", None), "dtype": str(model.dtype)}
-    meta_file = out / "regenerate.json"
-    if meta_file.exists():
-        old = json.loads(meta_file.read_text())
-        if {k: old.get(k) for k in meta if k != "prompts"} != {k: v for k, v in meta.items() if k != "prompts"}:
-            raise TreeFlashError(f"{out} holds data made with other settings ({old}); use a new output directory")
-    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
-
-    encoded = []
-    for p in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True,
-                                            return_dict=False)
-        if len(ids) <= max_prompt_tokens:
-            encoded.append((p.id, list(ids)))
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
-    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
-    written = 0
-    bar = tqdm(total=len(batches), desc="regenerating", unit="batch", disable=not progress)
-    for index, batch in enumerate(batches):
-        path = _shard_path(out, index)
-        # A shard counts as done only if it holds exactly this batch (a run may be extended with more prompts).
-        if path.exists() and [json.loads(line)["id"] for line in path.read_text().splitlines()] == [i for i, _ in batch]:
-            bar.update(1)
-            continue
+
+    def responses(index: int, batch: list[tuple[str, list[int]]]) -> list[list[int]]:
         width = max(len(ids) for _, ids in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -265,14 +238,97 @@ def regenerate(
             output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                     do_sample=temperature > 0, temperature=temperature or None, top_p=None,
                                     top_k=None, pad_token_id=pad)
-        lines = []
-        for row, (pid, ids) in enumerate(batch):
+        out_ids = []
+        for row in range(len(batch)):
             response = []
             for token in output[row, width:].tolist():
                 response.append(token)
                 if token in eos:
                     break
-            lines.append(json.dumps({"id": pid, "prompt_ids": ids, "response_ids": response}))
+            out_ids.append(response)
+        return out_ids
+
+    meta = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
+            "temperature": temperature, "seed": seed, "prompts": len(prompts),
+            "target": target_name or getattr(model.config, "_name_or_path", None), "dtype": str(model.dtype)}
+    return _write_shards(tokenizer, prompts, out, meta, responses, progress)
+
+
+def regenerate_via_server(
+    server: str,
+    tokenizer,
+    prompts: list[Prompt],
+    out: str | Path,
+    eos_token_id: int | None,
+    model: str | None = None,
+    max_new_tokens: int = 256,
+    max_prompt_tokens: int = 512,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    seed: int = 0,
+    concurrency: int = 8,
+    retries: int = 5,
+    progress: bool = True,
+    target_name: str | None = None,
+) -> dict:
+    """`regenerate`, with the responses from a running OpenAI-compatible server (vLLM, SGLang, `treeflash
+    serve`): `concurrency` requests in flight, retried on failure, the same resumable shards. The target's
+    tokenizer templates the prompts, which go out as token ids; see `treeflash.client` for how responses come
+    back as ids. Returns counts, with how many responses were re-tokenised and how many of those did not
+    decode back to the server's text."""
+    from .client import CompletionClient
+
+    client = CompletionClient(server, model, concurrency=concurrency, retries=retries)
+    counts = {"retokenized": 0, "round_trip_failures": 0}
+
+    def responses(index: int, batch: list[tuple[str, list[int]]]) -> list[list[int]]:
+        seeds = None if temperature == 0 else [seed * 100_003 + index * batch_size + i for i in range(len(batch))]
+        done = client.complete_all([ids for _, ids in batch], max_tokens=max_new_tokens, temperature=temperature,
+                                   seeds=seeds, tokenizer=tokenizer, eos_token_id=eos_token_id)
+        counts["retokenized"] += sum(not c.from_server for c in done)
+        counts["round_trip_failures"] += sum(not c.round_trip for c in done)
+        return [c.token_ids for c in done]
+
+    meta = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
+            "temperature": temperature, "seed": seed, "prompts": len(prompts), "target": target_name,
+            "server_model": client.model, "source": "server"}
+    return {**_write_shards(tokenizer, prompts, out, meta, responses, progress), **counts}
+
+
+def _write_shards(tokenizer, prompts: list[Prompt], out: str | Path, meta: dict,
+                  responses: Callable[[int, list[tuple[str, list[int]]]], list[list[int]]], progress: bool) -> dict:
+    """The resumable shard loop behind `regenerate` and `regenerate_via_server`: template the prompts, batch
+    them `meta["batch_size"]` to a shard, and write `responses(shard index, [(id, prompt ids)])` for every
+    shard not written yet."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_file = out / "regenerate.json"
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text())
+        if {k: old.get(k) for k in meta if k != "prompts"} != {k: v for k, v in meta.items() if k != "prompts"}:
+            raise TreeFlashError(f"{out} holds data made with other settings ({old}); use a new output directory")
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+
+    encoded = []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True,
+                                            return_dict=False)
+        if len(ids) <= meta["max_prompt_tokens"]:
+            encoded.append((p.id, [int(i) for i in ids]))
+    size = meta["batch_size"]
+    batches = [encoded[i:i + size] for i in range(0, len(encoded), size)]
+    written = 0
+    bar = tqdm(total=len(batches), desc="regenerating", unit="batch", disable=not progress)
+    for index, batch in enumerate(batches):
+        path = _shard_path(out, index)
+        # A shard counts as done only if it holds exactly this batch (a run may be extended with more prompts).
+        if path.exists() and [json.loads(line)["id"] for line in path.read_text().splitlines()] == [i for i, _ in batch]:
+            bar.update(1)
+            continue
+        lines = [json.dumps({"id": pid, "prompt_ids": ids, "response_ids": response})
+                 for (pid, ids), response in zip(batch, responses(index, batch))]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         tmp.rename(path)

@@ -120,6 +120,7 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     stats: dict  # the response's `treeflash` object (see `Engine._stats`)
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # the completion's tokens (completion_tokens of them)
 
 
 @dataclasses.dataclass
@@ -292,7 +293,8 @@ class Engine:
         self.metrics.generations.inc((method, finish))
         if stats["tau"] is not None:
             self.metrics.tau.observe((method,), stats["tau"])
-        job.emit(Outcome(job.text.text, finish, len(request.prompt_ids), job.text.completion_tokens, stats))
+        job.emit(Outcome(job.text.text, finish, len(request.prompt_ids), job.text.completion_tokens, stats,
+                         job.text.tokens[:job.text.completion_tokens]))
 
     def _cancelled(self, job: Job) -> None:
         self.metrics.generations.inc((job.request.config.method, "cancelled"))

@@ -131,6 +131,7 @@ class GenerationRequest(Request):
 
     kind: str = "chat"  # "chat" or "text"
     include_usage: bool = False  # stream_options.include_usage: one more chunk, with usage and no choices
+    return_token_ids: bool = False  # add the completion's token ids to the choice (as vLLM does)
 
 
 def _messages(body: dict) -> list[dict]:
@@ -329,7 +330,7 @@ class Server:
             job.cancel()  # the client left, or this is a no-op: the job is over
         if isinstance(event, Failure):
             raise _server_error(event)
-        return JSONReply(200, self._response(kind, reply_id, event))
+        return JSONReply(200, self._response(kind, reply_id, event, request.return_token_ids))
 
     def models(self) -> JSONReply:
         return JSONReply(200, {"object": "list", "data": [self._model_card()]})
@@ -383,7 +384,8 @@ class Server:
         max_new_tokens = max_tokens or min(self.config.max_tokens_limit, limit - n)
         config = dataclasses.replace(config, max_new_tokens=max_new_tokens)
         return GenerationRequest(prompt_ids=prompt_ids, config=config, stops=stops, stream=stream, kind=kind,
-                                 include_usage=include_usage)
+                                 include_usage=include_usage,
+                                 return_token_ids=_field(body, "return_token_ids", bool, False))
 
     def _decode_config(self, body: dict) -> tuple[DecodeConfig, int | None]:
         """Sampling and speculative fields -> a DecodeConfig, and max_tokens (None when not given; the
@@ -488,12 +490,14 @@ class Server:
         return {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
                 "total_tokens": o.prompt_tokens + o.completion_tokens}
 
-    def _response(self, kind: str, reply_id: str, o: Outcome) -> dict:
+    def _response(self, kind: str, reply_id: str, o: Outcome, return_token_ids: bool = False) -> dict:
         choice = {"index": 0, "finish_reason": o.finish_reason, "logprobs": None}
         if kind == "chat":
             choice["message"] = {"role": "assistant", "content": o.text}
         else:
             choice["text"] = o.text
+        if return_token_ids:
+            choice["token_ids"] = o.token_ids
         return {**self._head(kind, reply_id), "choices": [choice], "usage": self._usage(o), "treeflash": o.stats}
 
     async def _stream(self, job: Job, reply_id: str) -> AsyncIterator[str]:
