@@ -136,3 +136,61 @@ def test_distributed_a_dead_rank_gives_a_clear_error_not_a_hang(model_dir, data,
         for p in ranks:
             if p.poll() is None:
                 p.kill()
+
+
+def test_distributed_gpu_recipe_end_to_end_on_tiny_qwen3(tmp_path):
+    """docs/gpu-recipe.md on a tiny Qwen3, offline: a z-lab-layout DFlash drafter; regeneration through a
+    running server; the feature cache; a TreeFlash head trained on it by 2 torchrun ranks; generation with it
+    (lossless); the export for vLLM."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import treeflash
+    from test_cli import TEMPLATE, WORDS
+    from test_serving import running
+    from treeflash.cli import main
+    from treeflash.serving import Server, ServeConfig
+
+    from helpers import tiny_target
+
+    target_dir = tmp_path / "qwen3"
+    target = tiny_target("qwen3", dtype=torch.float32)
+    target.model.config.eos_token_id = 1
+    target.model.generation_config.eos_token_id = 1
+    target.model.save_pretrained(target_dir)
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>",
+                                        additional_special_tokens=["<user>", "<assistant>", "<mask>"])
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(target_dir)
+    t = str(target_dir)
+
+    # 1. A public-format DFlash drafter (here an untrained one in the z-lab layout).
+    assert main(["new-drafter", str(tmp_path / "dflash"), "--target", t, "--layers", "1", "--block-size", "4",
+                 "--no-head"]) == 0
+    layers = json.loads((tmp_path / "dflash" / "config.json").read_text())["dflash_config"]["target_layer_ids"]
+    # 2. Regenerate through a serving engine (here `treeflash serve` on loopback).
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"w{i} w{i + 9} w{2 * i}"}) + "\n"
+                               for i in range(10)))
+    server = Server(treeflash.load(t, "none"), ServeConfig(model_name="tiny-qwen3", max_batch=4))
+    with running(server) as (url, _):
+        assert main(["train", "data", "--server", url, "--prompts", str(prompts), "--target", t, "--out",
+                     str(tmp_path / "data"), "--max-new-tokens", "16", "--batch-size", "4", "--concurrency", "4"]) == 0
+    # 3. Cache the layers the drafter reads.
+    assert main(["train", "features", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache"),
+                 "--target", t, "--layers", ",".join(map(str, layers))]) == 0
+    # 4. A TreeFlash head on top of the drafter, 2 ranks.
+    _torchrun(["-m", "treeflash.cli", "train", "head", "--features", str(tmp_path / "cache"), "--init",
+               str(tmp_path / "dflash"), "--out", str(tmp_path / "run"), "--target", t, "--anchors", "3",
+               "--batch-size", "2", "--epochs", "1", "--val-sequences", "2", "--export", str(tmp_path / "head")])
+    assert "treeflash_config" in json.loads((tmp_path / "head" / "config.json").read_text())
+    # 5. Generate with it: exactly the target's greedy output.
+    decoder = treeflash.load(t, str(tmp_path / "head"))
+    ids = [2, 9, 14, 3]
+    ar = decoder.generate(ids, treeflash.DecodeConfig(method="ar", max_new_tokens=16)).token_ids
+    assert decoder.generate(ids, treeflash.DecodeConfig(method="treeflash", max_new_tokens=16)).token_ids == ar
+    # 6. Export the backbone for vLLM (the head stays with `treeflash serve`).
+    assert main(["export", str(tmp_path / "head"), str(tmp_path / "vllm"), "--format", "vllm", "--target", t]) == 0
+    assert treeflash.load(t, str(tmp_path / "vllm")).drafter.ar_approximation is None

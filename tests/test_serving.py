@@ -476,3 +476,12 @@ def test_the_completion_client_retries_and_retokenises_text_only_replies(model_d
         httpd.shutdown()
     assert len(calls) == 2 and calls[1]["prompt"] == [2, 10, 3] and calls[1]["return_token_ids"] is True
     assert done.token_ids == [10, 11, 1] and not done.from_server and done.round_trip
+
+
+def test_a_server_without_a_drafter_serves_ar_by_default(model_dir):  # noqa: F811
+    server = Server(treeflash.load(str(model_dir), "none"), ServeConfig(model_name=MODEL))
+    assert server.config.method == "ar"
+    headless = Server(treeflash.load(str(model_dir), "untrained"), ServeConfig(model_name=MODEL, method="ddtree"))
+    assert headless.config.method == "ddtree"
+    server.engine.close()
+    headless.engine.close()

@@ -305,6 +305,17 @@ class Server:
         self.target = decoder.target
         if self.target.tokenizer is None:
             raise TreeFlashError("the target has no tokenizer, which serving text needs; load it from a model directory")
+        # The default method must be one this decoder can run: without a drafter only ar, without a head no
+        # treeflash (requests that ask for those explicitly still get a 400).
+        if decoder.drafter is None and config.method != "ar":
+            fallback, missing = "ar", "a drafter"
+        elif decoder.drafter is not None and decoder.drafter.ar_approximation is None and config.method == "treeflash":
+            fallback, missing = "ddtree", "a TreeFlash head"
+        else:
+            fallback = None
+        if fallback:
+            log.warning("the default method %s needs %s; serving %s by default", config.method, missing, fallback)
+            config = self.config = dataclasses.replace(config, method=fallback)
         self.model_name = config.model_name or self.target.name
         self.created = int(time.time())
         self.metrics = Metrics()
@@ -709,7 +720,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    drafter_dtype=getattr(args, "drafter_dtype", None))
     server = Server(decoder, config)
     logging.basicConfig(level=logging.INFO, format="[treeflash] %(message)s")
-    print(f"[treeflash] serving {server.model_name} (method {config.method}, max_batch {config.max_batch}) at "
+    print(f"[treeflash] serving {server.model_name} (method {server.config.method}, max_batch {config.max_batch}) at "
           f"http://{config.host}:{config.port}/v1", file=sys.stderr, flush=True)
     uvicorn_server(server, config.host, config.port).run()
     return 0
