@@ -10,6 +10,13 @@ Round invariant: the target's cache holds every committed token but the last one
 previous round, which the target has not run on yet); the drafter's cache holds the context features of the
 same positions. Statistics (see `DecodeResult`): a round is one target verification pass after the prefill;
 tau = mean over rounds of (accepted drafted tokens + 1 bonus), so `ar` has tau = 1.
+
+Batching: `Decoder.step` runs one round for any number of sequences (`Generation`s) at once, each stage
+batched: one drafter pass over all blocks (`Drafter.draft_batch`), the TreeFlash head's rows of all tree
+searches in one pass per wave (`build_trees`), one ragged target pass over all trees and new prompts
+(`Target.forward_batch`), then follow and commit per sequence. `generate` is that step over one sequence, so
+there is a single loop; `generate_batch` and the server (`treeflash.scheduler`) run it over many, with
+sequences joining and leaving between rounds. Each sequence's output is what it gets alone.
 """
 
 from __future__ import annotations
