@@ -23,6 +23,7 @@ per sequence. Every validation logs the per-position top-1 profile and the ancho
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -342,6 +343,18 @@ class TrainConfig:
             raise TreeFlashError(f"warmup is a share of the steps in [0, 1); got {self.warmup}")
 
 
+def split_validation(sequences: list, count: int, seed: int = 0) -> tuple[list, list]:
+    """Hold out `count` sequences (at most all but one) for validation: those whose ids hash lowest under
+    `seed`. The choice depends on each sequence alone, so when the data grows a sequence that was trained on
+    never moves into the validation set (new sequences may displace old validation ones into training)."""
+    count = min(count, max(0, len(sequences) - 1))
+    rank = sorted(range(len(sequences)),
+                  key=lambda i: (hashlib.sha256(f"{seed}:{sequences[i].id}".encode()).digest(), i))
+    held = set(rank[:count])
+    return ([sequences[i] for i in sorted(held)],
+            [s for i, s in enumerate(sequences) if i not in held])
+
+
 def autocast(config: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16")
 
@@ -588,11 +601,8 @@ def train(
         sequences = sequences[: config.max_sequences]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    split = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(sequences), generator=split).tolist()
-    n_val = min(config.val_sequences, max(0, len(sequences) - 1))
-    val = [sequences[i] for i in order[:n_val]]
-    train_set = [sequences[i] for i in order[n_val:]]
+    val, train_set = split_validation(sequences, config.val_sequences, config.seed)
+    n_val = len(val)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total = max(1, math.ceil(config.epochs * steps_per_epoch))
     budget = None if config.time_budget is None else 60.0 * config.time_budget
