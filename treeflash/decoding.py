@@ -338,8 +338,7 @@ class Decoder:
             raise TreeFlashError(f"the prompt has token ids outside the target's vocabulary [0, {vocab})")
 
         budget = resolve_budget(method, config.budget, drafter, self.tuning, target.device)
-        if method != "ar":
-            target.pack()  # trees are verified in passes of several tokens
+        target.pack()  # once; on a CPU, 1.08x for one sequence's ar and 1.3x for 8 batched (see Target.pack)
         sampling = config.sampling
         if not sampling.greedy and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))

@@ -86,7 +86,7 @@ class Target:
 
     pack_weights: whether `pack()` lays the projection and LM-head weights out for the CPU's GEMM library
     (default: on a CPU; see `treeflash.packing`). It costs as much memory again as those weights, and seconds
-    of start-up, so it happens on the first tree verification, not here: plain decoding never needs it.
+    of start-up, so it happens when the first generation starts, not here (training never needs it).
     The target's weights are frozen: a `Target` must not see them change after it is made.
     """
 
@@ -130,7 +130,9 @@ class Target:
 
     def pack(self) -> None:
         """Pack the weights for few-row products (once; nothing to do unless `pack_weights`). Passes of 3-65
-        tokens, a verified tree, run 1.1-1.4x faster; passes of 1-2 tokens gain nothing."""
+        tokens (a verified tree, or several sequences' `ar` steps batched) run 1.1-1.4x faster; a 1-token `ar`
+        pass gains from the fused q,k,v and gate,up products alone (measured on the default model, 2 threads:
+        ar 23.7 -> 25.5 tokens/s alone, 91 -> 119 tokens/s for 8 sequences batched)."""
         if self.pack_weights and not self.packed:
             self.maps = [self._layer_maps(layer, pack=True) for layer in self.layers]
             self.lm_head_map = linear_map(self.lm_head, pack=True)
