@@ -166,6 +166,23 @@ def test_train_features_then_a_drafter_from_them(model_dir, tmp_path, capsys):
     assert ours["token_ids"] == ar["token_ids"]
 
 
+def test_train_features_skip_caches_a_later_chunk(model_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    records = [{"id": f"r{i}", "prompt_ids": [5, 6, 7], "response_ids": [8 + i, 9, 10]} for i in range(5)]
+    (data / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    base = ["train", "features", "--data", str(data), "--target", str(model_dir)]
+    assert main(base + ["--out", str(tmp_path / "c"), "--skip", "3"]) == 0
+    from treeflash.features import FeatureCache
+
+    assert [s.id for s in FeatureCache(tmp_path / "c").sequences] == ["r3", "r4"]
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "d"), "--skip", "5"]) == 2
+    assert "leaves none of the 5 sequences" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "d"), "--skip", "-1"]) == 2
+    assert "--skip must be 0 or more" in capsys.readouterr().err
+
+
 def test_train_drafter_needs_data_or_features(model_dir, tmp_path, capsys):
     assert main(["train", "drafter", "--out", str(tmp_path / "run"), "--target", str(model_dir)]) == 2
     assert "pass --data" in capsys.readouterr().err

@@ -233,11 +233,18 @@ def cmd_train_features(args: argparse.Namespace) -> int:
     target = load_target(args.target)
     layers = (tuple(int(i) for i in args.layers.split(",")) if args.layers
               else default_target_layer_ids(target.num_layers, DEFAULT_TARGET_LAYERS))
-    sequences = load_sequences(args.data, max_length=args.max_length)[: args.limit]
+    if args.skip < 0 or (args.limit is not None and args.limit < 1):
+        raise TreeFlashError(f"--skip must be 0 or more and --limit 1 or more; got --skip {args.skip} "
+                             f"--limit {args.limit}")
+    everything = load_sequences(args.data, max_length=args.max_length)
+    sequences = everything[args.skip:][: args.limit]
+    if not sequences:
+        raise TreeFlashError(f"--skip {args.skip} leaves none of the {len(everything)} sequences in {args.data}; "
+                             "skip fewer")
     print(f"caching target layers {list(layers)} (and the final state) of {len(sequences)} sequences from "
-          f"{args.data} into {args.out}", file=sys.stderr)
+          f"{args.data} (from sequence {args.skip}) into {args.out}", file=sys.stderr)
     counts = build_feature_cache(target, sequences, args.out, layers, shard_sequences=args.shard_sequences,
-                                 source=str(args.data))
+                                 source=f"{args.data}" + (f" from sequence {args.skip}" if args.skip else ""))
     print(json.dumps(counts))
     return 0
 
@@ -478,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = steps.add_parser("data", help="regenerate responses to prompts with the target (resumable)")
     d.add_argument("--out", required=True, help="output directory of JSONL shards")
     d.add_argument("--prompts", default="sharegpt",
-                   help="sharegpt (its training split) or a JSONL file of prompts (default: sharegpt)")
+                   help="sharegpt (its first turns' training split), sharegpt-turns (its later turns, each after "
+                        "the conversation so far) or a JSONL file of prompts (default: sharegpt)")
     d.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
     d.add_argument("--skip", type=int, default=0, help="skip this many prompts first")
     d.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
@@ -506,7 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--layers", default=None,
                    help="comma-separated target layers to cache (default: as many as a new drafter reads, spread "
                         "from layer 1 to L-3, DFlash's choice)")
-    f.add_argument("--limit", type=int, default=None, help="cache only the first N sequences")
+    f.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N sequences: cache a later chunk of the data, e.g. what a drafter "
+                        "trained on the first N has not seen (default: 0)")
+    f.add_argument("--limit", type=int, default=None, help="cache only the first N sequences (after --skip)")
     f.add_argument("--max-length", type=int, default=1024, help="tokens per sequence, longer ones are cut (default: 1024)")
     f.add_argument("--shard-sequences", type=int, default=DEFAULT_SHARD_SEQUENCES,
                    help="sequences per shard (default: %(default)s)")

