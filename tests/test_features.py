@@ -53,6 +53,24 @@ def test_cache_resumes_at_the_first_unfinished_shard(tmp_path):
     assert not list(out.glob("*.tmp*"))
 
 
+def test_caches_of_disjoint_chunks_read_as_one(tmp_path):
+    target = tiny_target("llama", dtype=torch.float32)
+    data = _sequences(target, count=5)
+    build_feature_cache(target, data, tmp_path / "all", layers=(1, 2), shard_sequences=2, progress=False)
+    build_feature_cache(target, data[:3], tmp_path / "a", layers=(1, 2), shard_sequences=2, progress=False)
+    build_feature_cache(target, data[3:], tmp_path / "b", layers=(1, 2), shard_sequences=2, progress=False)
+    whole, parts = FeatureCache(tmp_path / "all"), FeatureCache(f"{tmp_path / 'a'},{tmp_path / 'b'}")
+    assert [s.id for s in parts.sequences] == [s.id for s in whole.sequences] == [s.id for s in data]
+    for x, y in zip(whole.sequences, parts.sequences):
+        assert torch.equal(whole.features(x, (2,)), parts.features(y, (2,)))
+        assert torch.equal(whole.final(x), parts.final(y))
+    with pytest.raises(TreeFlashError, match="both hold sequence"):
+        FeatureCache(f"{tmp_path / 'a'},{tmp_path / 'all'}")
+    build_feature_cache(target, data[3:], tmp_path / "c", layers=(1, 3), progress=False)
+    with pytest.raises(TreeFlashError, match="different targets or layers"):
+        FeatureCache(f"{tmp_path / 'a'},{tmp_path / 'c'}")
+
+
 def test_cache_errors_are_clear(tmp_path, monkeypatch):
     target = tiny_target("llama", dtype=torch.float32)
     data = _sequences(target, count=3)

@@ -360,8 +360,8 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
     lr = 1e-3 if stage == "drafter" else 1e-4  # the drafter's: the shipped recipe (training/README.md)
     p.add_argument("--data", default=None, help="regenerated data (the --out of `treeflash train data`)")
     p.add_argument("--features", default=None,
-                   help="a feature cache (`treeflash train features`): train on its sequences without running the "
-                        "target (instead of --data)")
+                   help="a feature cache (`treeflash train features`), or several comma-separated: train on "
+                        "their sequences without running the target (instead of --data)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl; resumes if it holds one")
     p.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None,

@@ -156,32 +156,53 @@ class CachedSequence(Sequence):
 
 
 class FeatureCache:
-    """A finished (or partly finished) feature cache, memory-mapped. `sequences` lists the cached ones in
-    order; `features(seq)` and `final(seq)` give their arrays as float32 tensors."""
+    """A finished (or partly finished) feature cache, memory-mapped, or several of them given as
+    "DIR1,DIR2,...". `sequences` lists the cached ones in order; `features(seq)` and `final(seq)` give their
+    arrays as float32 tensors."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        meta_file = self.path / CACHE_FILE
-        if not meta_file.exists():
-            raise TreeFlashError(f"{self.path} is not a feature cache (no {CACHE_FILE}); make one with "
-                                 "`treeflash train features`")
-        self.meta = json.loads(meta_file.read_text())
-        self.layers = tuple(self.meta["layers"])
+        # Several caches of the same target and layers, comma-separated, read as one (chunks cached apart:
+        # by separate processes, or in separate sittings with `train features --skip`).
+        paths = [Path(p) for p in str(path).split(",") if p.strip()] if isinstance(path, str) else [Path(path)]
+        self.path = paths[0]
+        self.meta = None
         self.sequences: list[CachedSequence] = []
+        self._shard_prefixes: list[Path] = []  # CachedSequence.shard indexes this
         self._arrays: dict[int, tuple] = {}
-        index = 0
-        while (self.path / f"{_shard_name(index)}.json").exists():
-            tokens = np.load(self.path / f"{_shard_name(index)}.tokens.npy", mmap_mode="r")
-            for e in json.loads((self.path / f"{_shard_name(index)}.json").read_text()):
-                ids = tokens[e["offset"]:e["offset"] + e["length"]].tolist()
-                self.sequences.append(CachedSequence(e["id"], ids, e["prompt_length"], shard=index, offset=e["offset"]))
-            index += 1
+        for directory in paths:
+            meta_file = directory / CACHE_FILE
+            if not meta_file.exists():
+                raise TreeFlashError(f"{directory} is not a feature cache (no {CACHE_FILE}); make one with "
+                                     "`treeflash train features`")
+            meta = json.loads(meta_file.read_text())
+            if self.meta is None:
+                self.meta = meta
+            elif any(meta.get(k) != self.meta.get(k) for k in ("layers", "hidden_size", "num_target_layers", "vocab_size")):
+                raise TreeFlashError(f"the feature caches {self.path} and {directory} hold different targets or "
+                                     "layers; combine only caches made with the same target and --layers")
+            index = 0
+            while (directory / f"{_shard_name(index)}.json").exists():
+                shard = len(self._shard_prefixes)
+                self._shard_prefixes.append(directory / _shard_name(index))
+                tokens = np.load(directory / f"{_shard_name(index)}.tokens.npy", mmap_mode="r")
+                for e in json.loads((directory / f"{_shard_name(index)}.json").read_text()):
+                    ids = tokens[e["offset"]:e["offset"] + e["length"]].tolist()
+                    self.sequences.append(CachedSequence(e["id"], ids, e["prompt_length"], shard=shard,
+                                                         offset=e["offset"]))
+                index += 1
+        self.layers = tuple(self.meta["layers"])
         if not self.sequences:
-            raise TreeFlashError(f"{self.path} holds no finished shard yet; let `treeflash train features` run longer")
+            raise TreeFlashError(f"{path} holds no finished shard yet; let `treeflash train features` run longer")
+        seen: dict[str, Path] = {}
+        for seq in self.sequences:
+            directory = self._shard_prefixes[seq.shard].parent
+            if seen.setdefault(seq.id, directory) != directory:
+                raise TreeFlashError(f"the feature caches {seen[seq.id]} and {directory} both hold sequence "
+                                     f"{seq.id!r}; combine caches of disjoint chunks (`train features --skip/--limit`)")
 
     def _shard(self, index: int) -> tuple:
         if index not in self._arrays:
-            name = self.path / _shard_name(index)
+            name = self._shard_prefixes[index]
             self._arrays[index] = (np.load(f"{name}.features.npy", mmap_mode="r"),
                                    np.load(f"{name}.final.npy", mmap_mode="r"))
         return self._arrays[index]
