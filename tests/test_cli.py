@@ -183,6 +183,34 @@ def test_train_features_skip_caches_a_later_chunk(model_dir, tmp_path, capsys):
     assert "--skip must be 0 or more" in capsys.readouterr().err
 
 
+def test_train_features_in_two_workers_equals_one_process(model_dir, tmp_path, capsys):
+    import numpy as np
+
+    from treeflash.features import FeatureCache
+
+    data = tmp_path / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(1)
+    records = [{"id": f"r{i}", "prompt_ids": torch.randint(5, 97, (3,), generator=g).tolist(),
+                "response_ids": torch.randint(5, 97, (6,), generator=g).tolist()} for i in range(5)]
+    (data / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    base = ["train", "features", "--data", str(data), "--target", str(model_dir), "--shard-sequences", "2"]
+    assert main(base + ["--out", str(tmp_path / "one")]) == 0
+    assert main(base + ["--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["written_now"] == 3
+    one, two = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "two")
+    assert [(s.id, s.tokens, s.shard) for s in one.sequences] == [(s.id, s.tokens, s.shard) for s in two.sequences]
+    for a, b in zip(one.sequences, two.sequences):
+        assert np.allclose(one.features(a, one.layers), two.features(b, two.layers), atol=1e-3)
+    assert not list((tmp_path / "two").glob("*.tmp*"))
+    # A worker's failure stops the others and says which and why; the finished shards stay.
+    other = ["--out", str(tmp_path / "two"), "--workers", "2", "--layers", "1"]
+    assert main(base + other) == 2
+    err = capsys.readouterr().err
+    assert "feature worker" in err and "other settings" in err and "run the same command again" in err
+    assert len(FeatureCache(tmp_path / "two").sequences) == 5
+
+
 def test_train_drafter_needs_data_or_features(model_dir, tmp_path, capsys):
     assert main(["train", "drafter", "--out", str(tmp_path / "run"), "--target", str(model_dir)]) == 2
     assert "pass --data" in capsys.readouterr().err

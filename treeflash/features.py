@@ -66,10 +66,13 @@ def build_feature_cache(
     shard_sequences: int = DEFAULT_SHARD_SEQUENCES,
     source: str | None = None,
     progress: bool = True,
+    part: tuple[int, int] = (0, 1),
 ) -> dict:
     """Run `target` once over `sequences` and store their features in `out` (resumes where it stopped).
 
-    Returns counts: sequences, tokens, shards written now and in all."""
+    `part` = (k, n): write only the shards i with i % n == k, so that n processes share the work (each shard
+    is written by one of them, under temporary names). Returns counts: sequences, tokens, shards written now
+    and in all."""
     from tqdm.auto import tqdm
 
     if shard_sequences < 1:
@@ -91,22 +94,40 @@ def build_feature_cache(
                                  f"layers {old.get('layers')}); use a new output directory")
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")
 
-    shards = [sequences[i:i + shard_sequences] for i in range(0, len(sequences), shard_sequences)]
-    todo = [i for i, shard in enumerate(shards) if not _shard_done(out, i, shard)]
-    need = sum(len(s.tokens) for i in todo for s in shards[i]) * bytes_per_token(len(layers), target.hidden_size)
-    free = shutil.disk_usage(out).free
-    if need and free < need + (256 << 20):
-        raise TreeFlashError(f"caching these features needs {need / 2**30:.1f} GiB at {out} but only "
-                             f"{free / 2**30:.1f} GiB are free; free some space, cache fewer sequences "
-                             "(--limit) or choose another --out")
-    bar = tqdm(total=sum(len(s.tokens) for s in sequences), desc="caching features", unit="tok", unit_scale=True,
-               disable=not progress)
-    bar.update(sum(len(s.tokens) for i, shard in enumerate(shards) if i not in todo for s in shard))
+    k, n = part
+    shards, todo = plan_feature_cache(sequences, out, shard_sequences)
+    todo = [i for i in todo if i % n == k]
+    check_disk(out, sum(len(s.tokens) for i in todo for s in shards[i]), len(layers), target.hidden_size)
+    mine = [i for i in range(len(shards)) if i % n == k]
+    bar = tqdm(total=sum(len(s.tokens) for i in mine for s in shards[i]), desc="caching features", unit="tok",
+               unit_scale=True, disable=not progress)
+    bar.update(sum(len(s.tokens) for i in mine if i not in todo for s in shards[i]))
     for index in todo:
         _write_shard(target, shards[index], out, index, layers, bar)
     bar.close()
     return {"sequences": len(sequences), "tokens": sum(len(s.tokens) for s in sequences),
             "shards": len(shards), "written_now": len(todo)}
+
+
+def shards_done_tokens(out: str | Path, shards: list[list[Sequence]]) -> int:
+    """Tokens of the shards that `out` holds finished (for a progress bar over several processes)."""
+    return sum(len(s.tokens) for i, shard in enumerate(shards) if _shard_done(Path(out), i, shard) for s in shard)
+
+
+def plan_feature_cache(sequences: list[Sequence], out: str | Path, shard_sequences: int = DEFAULT_SHARD_SEQUENCES) -> tuple[list[list[Sequence]], list[int]]:
+    """(the shards of `sequences`, the indices of those `out` does not hold yet)."""
+    shards = [sequences[i:i + shard_sequences] for i in range(0, len(sequences), shard_sequences)]
+    return shards, [i for i, shard in enumerate(shards) if not _shard_done(Path(out), i, shard)]
+
+
+def check_disk(out: str | Path, tokens: int, num_layers: int, hidden_size: int) -> None:
+    """Raise TreeFlashError unless `out` has room for `tokens` more cached tokens."""
+    need = tokens * bytes_per_token(num_layers, hidden_size)
+    free = shutil.disk_usage(out).free
+    if need and free < need + (256 << 20):
+        raise TreeFlashError(f"caching these features needs {need / 2**30:.1f} GiB at {out} but only "
+                             f"{free / 2**30:.1f} GiB are free; free some space, cache fewer sequences "
+                             "(--limit) or choose another --out")
 
 
 def _shard_done(out: Path, index: int, shard: list[Sequence]) -> bool:
