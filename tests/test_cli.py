@@ -164,6 +164,15 @@ def test_train_features_then_a_drafter_from_them(model_dir, tmp_path, capsys):
     ours = _run_json(capsys, "w5 w6", "--target", str(model_dir), "--drafter", str(tmp_path / "drafter"),
                      "--max-new-tokens", "12")
     assert ours["token_ids"] == ar["token_ids"]
+    # --max-steps 0 validates a drafter as it is and writes nothing: the baseline of a continued run.
+    check = ["train", "head", "--features", str(cache), "--out", str(tmp_path / "check"), "--target", str(model_dir),
+             "--init", str(tmp_path / "drafter"), "--anchors", "4", "--batch-size", "2", "--val-sequences", "2",
+             "--max-steps", "0"]
+    assert main(check) == 0
+    out = capsys.readouterr()
+    metrics = json.loads(out.out.splitlines()[-1])
+    assert metrics["step"] == 0 and "conditional_chain_tau" in metrics and "validation only" in out.err
+    assert not list((tmp_path / "check").iterdir())
 
 
 def test_train_features_skip_caches_a_later_chunk(model_dir, tmp_path, capsys):

@@ -478,7 +478,8 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     p.add_argument("--precision", choices=("float32", "bfloat16"), default=d.precision,
                    help="bfloat16: bf16 target and autocast drafter, ~3x faster on CPUs with AMX (default: float32)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this sitting")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this sitting (0: only validate the --init drafter as it is, "
+                        "on this data's held-out sequences)")
     p.add_argument("--export", default=None, help="when the run is complete, also save the drafter here")
     p.add_argument("--export-dtype", default="bfloat16", help="dtype of the exported weights (default: bfloat16)")
     p.set_defaults(func=cmd_train)

@@ -575,7 +575,9 @@ def train(
     sequences: the training data; None with `config.features` trains on the cached sequences.
     `fresh_fc`: the drafter's `fc` is newly initialised, so its weights start as they are behind the feature
     scale (see feature_scale) instead of the scale being undone in them.
-    `max_steps` stops early (for sittings; the schedule still spans the whole run). Returns the last metrics.
+    `max_steps` stops early (for sittings; the schedule still spans the whole run); `max_steps=0` only
+    validates the drafter as it is (e.g. a checkpoint on another data set's held-out sequences), writing
+    nothing. Returns the last metrics.
     ranks: this process's place in a data-parallel run (`treeflash.distributed`; the process group must be
     started): each rank trains on its share of every global batch, rank 0 logs, validates and checkpoints.
     """
@@ -658,6 +660,15 @@ def train(
         return step >= stop or (budget is not None and seconds >= budget)
 
     seconds = clock()
+    if max_steps == 0:
+        if ranks.main:
+            drafter.eval()
+            with autocast(config, target.device):
+                metrics = evaluate(drafter, target, val, config, source)
+            name = "conditional" if config.stage == "head" else "marginal"
+            log(f"step {step} (validation only): val {name} chain tau {metrics[f'{name}_chain_tau']:.3f}, top-1 by "
+                f"position {profile(metrics[f'{name}_top1'])}, anchor sensitivity {metrics['anchor_sensitivity']:.3g}")
+        stop = step
     while not finished(seconds):
         epoch, index = divmod(step * config.batch_size, len(train_set))
         epoch_order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed + 1000 + epoch))
