@@ -51,7 +51,7 @@ METHODS = ("ar", "dflash", "ddtree", "treeflash")
 # Draft nodes per round when neither the caller nor a tuning (`treeflash tune`) says: a GPU verifies a
 # 65-node tree for about the price of one token, a CPU pays for each node (measured in results/speed/).
 DEFAULT_BUDGET = 64
-DEFAULT_CPU_BUDGET = 4  # the fastest budget for the shipped drafter here (results/speed/bench_drafter_v3_cpu_noamx)
+DEFAULT_CPU_BUDGET = 4  # fastest for the 3rd drafter (results/speed/bench_drafter_v3_cpu_noamx); the 4th is alike
 STAGES = ("prefill", "draft", "head", "tree", "verify", "commit")
 
 
