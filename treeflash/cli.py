@@ -243,14 +243,12 @@ def cmd_train_features(args: argparse.Namespace) -> int:
                              "skip fewer")
     if args.workers < 1:
         raise TreeFlashError(f"--workers must be 1 or more; got {args.workers}")
-    part = (0, 1)
-    if args.part:
-        part = tuple(int(x) for x in args.part.split("/"))
-    elif args.workers > 1:
-        return _features_in_workers(args, target, sequences, layers)
-    if part == (0, 1):
+    part = tuple(int(x) for x in args.part.split("/")) if args.part else (0, 1)  # a worker's share
+    if not args.part:
         print(f"caching target layers {list(layers)} (and the final state) of {len(sequences)} sequences from "
               f"{args.data} (from sequence {args.skip}) into {args.out}", file=sys.stderr)
+        if args.workers > 1:
+            return _features_in_workers(args, target, sequences, layers)
     counts = build_feature_cache(target, sequences, args.out, layers, shard_sequences=args.shard_sequences,
                                  source=f"{args.data}" + (f" from sequence {args.skip}" if args.skip else ""),
                                  progress=part == (0, 1), part=part)
@@ -277,26 +275,17 @@ def _features_in_workers(args: argparse.Namespace, target, sequences, layers) ->
     check_disk(out, sum(len(s.tokens) for i in todo for s in shards[i]), len(layers), target.hidden_size)
     n = args.workers
     threads = max(1, torch.get_num_threads() // n)
-    argv = [a for a in args.argv]
-    if "--workers" in argv:  # drop "--workers N"; "--workers=N" too
-        i = argv.index("--workers")
-        del argv[i:i + 2]
-    argv = [a for a in argv if not a.startswith("--workers=")]
-    print(f"caching target layers {list(layers)} (and the final state) of {len(sequences)} sequences from "
-          f"{args.data} (from sequence {args.skip}) into {out}: {n} processes x {threads} torch threads; "
-          f"their logs in {out}/worker-K.log", file=sys.stderr)
+    print(f"{n} processes x {threads} torch threads; their logs in {out}/worker-K.log", file=sys.stderr)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     workers = []
     for k in range(n):
         log = open(out / f"worker-{k}.log", "w")
-        workers.append((subprocess.Popen([sys.executable, "-m", "treeflash.cli", *argv, "--part", f"{k}/{n}"],
+        workers.append((subprocess.Popen([sys.executable, "-m", "treeflash.cli", *args.argv, "--part", f"{k}/{n}"],
                                          stdout=subprocess.DEVNULL, stderr=log, env=env), log, k))
     bar = tqdm(total=sum(len(s.tokens) for s in sequences), desc="caching features", unit="tok", unit_scale=True)
     try:
-        while any(p.poll() is None for p, _, _ in workers):
-            failed = [(p, k) for p, _, k in workers if p.poll() not in (None, 0)]
-            if failed:
-                break
+        # Until all are done or one failed (`--part` takes precedence over `--workers` in each worker).
+        while any(p.poll() is None for p, _, _ in workers) and all(p.poll() in (None, 0) for p, _, _ in workers):
             time.sleep(2)
             bar.update(shards_done_tokens(out, shards) - bar.n)
     finally:
@@ -478,7 +467,8 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     p.add_argument("--precision", choices=("float32", "bfloat16"), default=d.precision,
                    help="bfloat16: bf16 target and autocast drafter, ~3x faster on CPUs with AMX (default: float32)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this sitting (0: only validate the --init drafter as it is, "
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps in this sitting (0: only validate the --init drafter as it is, "
                         "on this data's held-out sequences)")
     p.add_argument("--export", default=None, help="when the run is complete, also save the drafter here")
     p.add_argument("--export-dtype", default="bfloat16", help="dtype of the exported weights (default: bfloat16)")

@@ -156,8 +156,8 @@ def sharegpt_later_turns(records: Iterator[dict]) -> list[Prompt]:
                     or role != ("user" if len(turns) % 2 == 0 else "assistant"):
                 break
             turns.append((role, text))
-        counted = bool(_first_user_turn(record, f"ShareGPT record {i}").strip())
-        conversations.append((str(record.get("id", i)), turns, counted))
+        has_first_turn = bool(_first_user_turn(record, f"ShareGPT record {i}").strip())
+        conversations.append((str(record.get("id", i)), turns, has_first_turn))
     counted = [n for n, (_, _, c) in enumerate(conversations) if c]
     heldout = set(counted[-SHAREGPT_HELDOUT:])  # the same split as load_prompts("sharegpt-heldout")
     prompts = []

@@ -114,7 +114,8 @@ def shards_done_tokens(out: str | Path, shards: list[list[Sequence]]) -> int:
     return sum(len(s.tokens) for i, shard in enumerate(shards) if _shard_done(Path(out), i, shard) for s in shard)
 
 
-def plan_feature_cache(sequences: list[Sequence], out: str | Path, shard_sequences: int = DEFAULT_SHARD_SEQUENCES) -> tuple[list[list[Sequence]], list[int]]:
+def plan_feature_cache(sequences: list[Sequence], out: str | Path,
+                       shard_sequences: int = DEFAULT_SHARD_SEQUENCES) -> tuple[list[list[Sequence]], list[int]]:
     """(the shards of `sequences`, the indices of those `out` does not hold yet)."""
     shards = [sequences[i:i + shard_sequences] for i in range(0, len(sequences), shard_sequences)]
     return shards, [i for i, shard in enumerate(shards) if not _shard_done(Path(out), i, shard)]

@@ -659,15 +659,20 @@ def train(
     def finished(seconds: float) -> bool:
         return step >= stop or (budget is not None and seconds >= budget)
 
+    def validate(prefix: str) -> dict:  # rank 0: the validation metrics, logged after `prefix`
+        drafter.eval()
+        with autocast(config, target.device):
+            result = evaluate(drafter, target, val, config, source)
+        drafter.train()
+        name = "conditional" if config.stage == "head" else "marginal"
+        log(f"{prefix}val {name} chain tau {result[f'{name}_chain_tau']:.3f}, top-1 by position "
+            f"{profile(result[f'{name}_top1'])}, anchor sensitivity {result['anchor_sensitivity']:.3g}")
+        return result
+
     seconds = clock()
     if max_steps == 0:
         if ranks.main:
-            drafter.eval()
-            with autocast(config, target.device):
-                metrics = evaluate(drafter, target, val, config, source)
-            name = "conditional" if config.stage == "head" else "marginal"
-            log(f"step {step} (validation only): val {name} chain tau {metrics[f'{name}_chain_tau']:.3f}, top-1 by "
-                f"position {profile(metrics[f'{name}_top1'])}, anchor sensitivity {metrics['anchor_sensitivity']:.3g}")
+            metrics = validate(f"step {step} (validation only): ")
         stop = step
     while not finished(seconds):
         epoch, index = divmod(step * config.batch_size, len(train_set))
@@ -702,17 +707,10 @@ def train(
                   "grad_norm": grad_norm, "sequences": int(sums[3]), "rows": global_rows, "seconds": seconds}
         bar.set_postfix(loss=f"{record['loss']:.3f}")
         if ranks.main and (step % config.eval_every == 0 or finished(seconds)):
-            drafter.eval()
             evaluation_started = time.perf_counter()
-            with autocast(config, target.device):
-                metrics = evaluate(drafter, target, val, config, source)
+            metrics = validate(f"step {step}: loss {record['loss']:.3f}, ")
             started += time.perf_counter() - evaluation_started  # the clock (and the budget) counts training only
-            drafter.train()
             record.update(metrics)
-            name = "conditional" if config.stage == "head" else "marginal"
-            log(f"step {step}: loss {record['loss']:.3f}, val {name} chain tau {metrics[f'{name}_chain_tau']:.3f}, "
-                f"top-1 by position {profile(metrics[f'{name}_top1'])}, anchor sensitivity "
-                f"{metrics['anchor_sensitivity']:.3g}")
         if ranks.main:
             with open(log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
