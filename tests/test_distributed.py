@@ -138,6 +138,26 @@ def test_distributed_a_dead_rank_gives_a_clear_error_not_a_hang(model_dir, data,
                 p.kill()
 
 
+def test_a_failed_collective_anywhere_in_a_step_is_a_lost_peer_only_for_distributed_ranks():
+    """The dead-rank error depends on where the run is when the peer dies (forward, all-reduce, backward, the
+    clock's broadcast): every such place goes through `peers`, which translates for ranks and not otherwise."""
+    from treeflash import distributed
+    from treeflash.errors import TreeFlashError
+
+    failure = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer\nmore")
+    with pytest.raises(TreeFlashError, match=r"rank 1 of 2 lost contact with the other ranks at step 7 "
+                                             r"\(RuntimeError: .*Connection reset by peer\); another rank failed"):
+        with distributed.peers(distributed.Ranks(1, 2), 7):
+            raise failure
+    with pytest.raises(RuntimeError, match="Connection reset") as raised:
+        with distributed.peers(distributed.Ranks(), 7):
+            raise failure
+    assert raised.type is RuntimeError
+    with pytest.raises(ValueError):  # not a collective's failure: passes through untouched
+        with distributed.peers(distributed.Ranks(1, 2), 7):
+            raise ValueError("bad")
+
+
 def test_distributed_gpu_recipe_end_to_end_on_tiny_qwen3(tmp_path):
     """docs/gpu-recipe.md on a tiny Qwen3, offline: a z-lab-layout DFlash drafter; regeneration through a
     running server; the feature cache; a TreeFlash head trained on it by 2 torchrun ranks; generation with it

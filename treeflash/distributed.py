@@ -16,6 +16,7 @@ used and training is one process, as before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -117,6 +118,18 @@ def lost_peer(ranks: Ranks, step: int, error: BaseException) -> TreeFlashError:
         f"{str(error).splitlines()[0] if str(error) else 'no details'}); another rank failed or stopped: see the first "
         "rank's error above, fix it and rerun the same command, which resumes from the last checkpoint"
     )
+
+
+@contextlib.contextmanager
+def peers(ranks: Ranks, step: int):
+    """Around anything that waits on the other ranks (collectives, DDP's backward): a failure there means a
+    peer died or stopped answering, and becomes `lost_peer`'s error instead of a backend traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not ranks.distributed:
+            raise
+        raise lost_peer(ranks, step, e) from e
 
 
 def check_batch(batch_size: int, ranks: Ranks) -> None:

@@ -642,7 +642,8 @@ def train(
     module = _BatchLoss(drafter, target, config, weights)
     if ranks.distributed:
         device_ids = [target.device] if target.device.type == "cuda" else None
-        module = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        with distributed.peers(ranks, step):  # DDP broadcasts rank 0's weights
+            module = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
     drafter.train()
     stop = total if max_steps is None else min(total, step + max_steps)
     if budget is not None:
@@ -654,7 +655,8 @@ def train(
     started = time.perf_counter() - elapsed
 
     def clock() -> float:  # training seconds so far, rank 0's on every rank: they take the same decisions
-        return distributed.from_main(time.perf_counter() - started, ranks, target.device)
+        with distributed.peers(ranks, step):
+            return distributed.from_main(time.perf_counter() - started, ranks, target.device)
 
     def finished(seconds: float) -> bool:
         return step >= stop or (budget is not None and seconds >= budget)
@@ -684,7 +686,7 @@ def train(
         batch = [(i, train_set[int(epoch_order[(index + i) % len(train_set)])]) for i in range(config.batch_size)]
         examples = [e for e in (make_example(seq, source, config, drafter, _example_generator(config.seed, step, i))
                                 for i, seq in distributed.share(batch, ranks)) if e is not None]
-        try:
+        with distributed.peers(ranks, step):
             with autocast(config, target.device):
                 total_loss, weight, rows = module(examples)
             # Normalised by the global weight sum; DDP averages gradients over ranks, hence the factor.
@@ -695,10 +697,6 @@ def train(
             if global_rows:  # every rank then takes part in DDP's gradient reduction, its own rows or not
                 (total_loss * ranks.world / sums[1]).backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)) if global_rows else 0.0
-        except RuntimeError as e:
-            if ranks.distributed:
-                raise distributed.lost_peer(ranks, step, e) from e
-            raise
         optimizer.step()
         step += 1
         bar.update(1)
