@@ -6,17 +6,25 @@ import torch
 from treeflash.decoding import METHODS, DecodeConfig, Decoder
 from treeflash.drafters import new_drafter
 from treeflash.errors import TreeFlashError
+from treeflash.packing import float32_backend
 
 from helpers import OracleDrafter, greedy_reference, tiny_drafter, tiny_target
 
 PROMPT = [5, 17, 33, 2, 71, 8, 40]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3", "qwen2-float32"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "qwen2-float32-onednn", "llama-float32-mkl"])
 def pair(request):
-    """float64 targets, and a float32 one whose projections run packed on CPUs with MKL (treeflash.packing)."""
-    family, _, dtype = request.param.partition("-")
+    """float64 targets, and float32 ones whose projections run packed by oneDNN or MKL (treeflash.packing)."""
+    family, dtype, backend = (request.param.split("-") + [None, None])[:3]
     target = tiny_target(family, dtype=getattr(torch, dtype or "float64"))
+    if backend is not None:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("TREEFLASH_CPU_GEMM", backend)
+            if float32_backend() != backend:
+                pytest.skip(f"this torch has no {backend}")
+            target.pack()  # the library is chosen when the weights are packed
+        assert target.lm_head_map.backend == backend
     return target, tiny_drafter(target)
 
 

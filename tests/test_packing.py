@@ -4,21 +4,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from treeflash.packing import FusedLinear, packing_backend
+from treeflash.errors import TreeFlashError
+from treeflash.packing import FusedLinear, float32_backend, packing_backend
 
 from helpers import tiny_drafter, tiny_target
 
-needs_mkl = pytest.mark.skipif(packing_backend(torch.zeros(1, 1)) != "mkl", reason="this torch build cannot pack")
+needs_packing = pytest.mark.skipif(packing_backend(torch.zeros(1, 1)) is None, reason="this torch build cannot pack")
 
 
-@needs_mkl
+def _available(backend: str) -> bool:
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("TREEFLASH_CPU_GEMM", backend)
+        return float32_backend() == backend
+
+
+# Both float32 libraries, whichever this processor would pick by default.
+FLOAT32_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"this torch has no {b}"))
+                    for b in ("mkl", "onednn")]
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 @pytest.mark.parametrize("rows", [0, 1, 3, 16, 65])
-def test_fused_packed_map_equals_separate_linears(rows):
+def test_fused_packed_map_equals_separate_linears(rows, backend, monkeypatch):
+    monkeypatch.setenv("TREEFLASH_CPU_GEMM", backend)
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(n, 24, generator=g) for n in (40, 8, 8)]
     biases = [torch.randn(40, generator=g), None, torch.randn(8, generator=g)]
     fused = FusedLinear(weights, biases)
-    assert fused.backend == "mkl"
+    assert fused.backend == backend
     x = torch.randn(rows, 24, generator=g)
     for got, w, b in zip(fused.split(x), weights, biases):
         assert got.shape == (rows, w.shape[0])
@@ -34,6 +47,21 @@ def test_bfloat16_packed_map_equals_linear():
         FusedLinear([w, w])(x)
 
 
+def test_the_float32_library_follows_the_processor_unless_the_environment_names_one(monkeypatch):
+    import treeflash.packing as packing
+
+    monkeypatch.delenv("TREEFLASH_CPU_GEMM", raising=False)
+    for vendor, expected in (("GenuineIntel", "mkl"), ("AuthenticAMD", "onednn"), ("", "onednn")):
+        monkeypatch.setattr(packing, "_cpu_vendor", lambda v=vendor: v)
+        if _available(expected):
+            assert float32_backend() == expected, vendor
+    monkeypatch.setenv("TREEFLASH_CPU_GEMM", "plain")
+    assert float32_backend() is None and FusedLinear([torch.randn(6, 4)]).backend is None
+    monkeypatch.setenv("TREEFLASH_CPU_GEMM", "blas")
+    with pytest.raises(TreeFlashError, match="TREEFLASH_CPU_GEMM must be one of mkl, onednn, plain; got 'blas'"):
+        FusedLinear([torch.randn(6, 4)])
+
+
 def test_unpacked_maps_keep_gradients_and_do_not_copy():
     w = torch.randn(6, 4, requires_grad=True)
     m = FusedLinear([w], pack=False)
@@ -43,14 +71,15 @@ def test_unpacked_maps_keep_gradients_and_do_not_copy():
     assert FusedLinear([torch.randn(6, 4, dtype=torch.float64)]).backend is None  # nothing packs float64
 
 
-@needs_mkl
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_packed_target_matches_its_unpacked_self(family):
+def test_packed_target_matches_its_unpacked_self(family, backend, monkeypatch):
+    monkeypatch.setenv("TREEFLASH_CPU_GEMM", backend)
     packed = tiny_target(family, dtype=torch.float32)
     plain = tiny_target(family, dtype=torch.float32)
     assert plain.maps[0].qkv.backend is None  # packing waits for the first tree (Target.pack)
     packed.pack()
-    assert packed.maps[0].qkv.backend == "mkl" and packed.lm_head_map.backend == "mkl"
+    assert packed.maps[0].qkv.backend == backend and packed.lm_head_map.backend == backend
     ids = torch.randint(0, packed.vocab_size, (19,), generator=torch.Generator().manual_seed(2))
     a = packed.forward(ids, torch.arange(19), packed.new_cache(32), feature_layers=(1, 3))
     b = plain.forward(ids, torch.arange(19), plain.new_cache(32), feature_layers=(1, 3))
@@ -58,7 +87,7 @@ def test_packed_target_matches_its_unpacked_self(family):
     torch.testing.assert_close(a.features, b.features, atol=1e-4, rtol=1e-4)
 
 
-@needs_mkl
+@needs_packing
 def test_drafter_packs_for_inference_and_repacks_when_its_weights_change():
     target = tiny_target("llama", dtype=torch.float32)
     drafter = tiny_drafter(target)
@@ -71,7 +100,7 @@ def test_drafter_packs_for_inference_and_repacks_when_its_weights_change():
     first = draft()
     assert drafter.maps().q[0].backend is None  # gradients on: the live modules
     with torch.no_grad():
-        assert drafter.maps().q[0].backend == "mkl"
+        assert drafter.maps().q[0].backend == float32_backend()
         with torch.enable_grad():  # the same numbers through the modules, as training sees them
             cache = drafter.new_cache(32)
             reference = drafter.forward_block(

@@ -7,6 +7,13 @@ each weight once (MKL's packed sgemm; oneDNN's blocked layout) removes it: see `
 before/after on the default model. Projections that read the same input are also concatenated (q, k, v;
 gate, up), so that the input is read by one GEMM instead of two or three.
 
+Which library packs float32 depends on the processor (`float32_backend`). MKL on Intel, where its packed
+sgemm was measured fastest. oneDNN elsewhere: on a 2-core AMD EPYC (AVX2) MKL's kernels are 2-4x slower than
+oneDNN's for these shapes (LM head, 5 rows: 17.6 ms with `F.linear`, 4.7 ms packed by oneDNN; `ar` 22 -> 30
+tokens/s, `treeflash@4` 18 -> 32; results/speed/gemm_backends_cpu_amd.md). $TREEFLASH_CPU_GEMM ("mkl",
+"onednn" or "plain") overrides the choice, e.g. to compare them; the choice is made once per weight, when it is
+packed, so plain decoding and verification always share it.
+
 Packed copies live beside the model's own weights (they are used only for inference; training and the
 transformers baselines keep using the model's modules), so packing costs as much memory again as the
 packed weights. It is done on the CPU only; elsewhere `FusedLinear` calls `F.linear` per weight.
@@ -18,29 +25,59 @@ tree verification run through the same packed maps.
 
 from __future__ import annotations
 
+import os
+import platform
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import TreeFlashError
+
 # The batch size MKL and oneDNN are told to lay a weight out for. It is only a hint: any number of rows works.
 PACK_ROWS_HINT = 64
-# Up to this many rows the plain kernel (a matrix-vector product) is as fast or faster than the packed GEMM
-# (scripts/packed_gemm.py: 0.95x packed at 1-2 rows, 1.24x at 4), so those products skip the packing.
+# Up to this many rows MKL's plain kernel (a matrix-vector product) is as fast or faster than its packed GEMM
+# (scripts/packed_gemm.py on an Intel Xeon: 0.95x packed at 1-2 rows, 1.24x at 4), so those products skip the
+# packing. Not so for oneDNN's float32 kernels on an AMD EPYC, faster at every row count (the LM head at one
+# row: 7.1 ms through F.linear, 3.6 ms packed), which run every product packed.
 PLAIN_MAX_ROWS = 2
 
 
 _MKL_LINEAR = getattr(torch.ops.mkl, "_mkl_linear", None) if torch._C.has_mkl else None
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_FLOAT32_BACKENDS = ("mkl", "onednn", "plain")
+
+
+def _cpu_vendor() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def float32_backend() -> str | None:
+    """The library that packs float32 weights here: $TREEFLASH_CPU_GEMM if set, else "mkl" on an Intel CPU and
+    "onednn" on any other (see the module docstring); None where this build of torch has neither."""
+    choice = os.environ.get("TREEFLASH_CPU_GEMM")
+    if choice is not None and choice not in _FLOAT32_BACKENDS:
+        raise TreeFlashError(f"TREEFLASH_CPU_GEMM must be one of {', '.join(_FLOAT32_BACKENDS)}; got {choice!r}")
+    if choice is None:
+        choice = "mkl" if _cpu_vendor() == "GenuineIntel" and _MKL_LINEAR is not None else "onednn"
+    available = {"mkl": _MKL_LINEAR is not None, "onednn": _ONEDNN_LINEAR is not None, "plain": False}
+    return choice if available[choice] else None
 
 
 def packing_backend(weight: Tensor) -> str | None:
-    """"mkl" (float32) or "onednn" (bfloat16) where this build of torch can pack `weight`, else None."""
+    """"mkl" or "onednn" (float32, see `float32_backend`) or "onednn" (bfloat16) where this build of torch can
+    pack `weight`, else None."""
     if weight.device.type != "cpu":
         return None
-    if weight.dtype == torch.float32 and _MKL_LINEAR is not None:
-        return "mkl"
+    if weight.dtype == torch.float32:
+        return float32_backend()
     if weight.dtype == torch.bfloat16 and _ONEDNN_LINEAR is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "onednn"
     return None
@@ -81,6 +118,7 @@ class FusedLinear:
             return
         # MKL reads the original weight too (its signature asks for it); oneDNN needs only the packed one.
         self._weight, self._packed, self._bias = weight.contiguous(), packed, bias
+        self._plain_max_rows = 0 if self.backend == "onednn" and weight.dtype == torch.float32 else PLAIN_MAX_ROWS
         self._parts = []
 
     def split(self, x: Tensor) -> tuple[Tensor, ...]:
@@ -103,7 +141,7 @@ class FusedLinear:
         if x.dim() != 2:
             return self._full(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         rows = x.shape[0]
-        if rows <= PLAIN_MAX_ROWS:
+        if rows <= self._plain_max_rows:
             return F.linear(x, self._weight, self._bias)
         if self.backend == "mkl":
             return _MKL_LINEAR(x, self._packed, self._weight, self._bias, rows)
