@@ -10,7 +10,7 @@ gate, up), so that the input is read by one GEMM instead of two or three.
 Which library packs float32 depends on the processor (`float32_backend`). MKL on Intel, where its packed
 sgemm was measured fastest. oneDNN elsewhere: on a 2-core AMD EPYC (AVX2) MKL's kernels are 2-4x slower than
 oneDNN's for these shapes (LM head, 5 rows: 17.6 ms with `F.linear`, 4.7 ms packed by oneDNN; `ar` 22 -> 30
-tokens/s, `treeflash@4` 18 -> 32; results/speed/gemm_backends_cpu_amd.md). $TREEFLASH_CPU_GEMM ("mkl",
+tokens/s, `treeflash@4` 18 -> 32; results/speed/packed_gemm_cpu_amd.md). $TREEFLASH_CPU_GEMM ("mkl",
 "onednn" or "plain") overrides the choice, e.g. to compare them; the choice is made once per weight, when it is
 packed, so plain decoding and verification always share it.
 
