@@ -1,9 +1,15 @@
-"""Prompt sources: ShareGPT's later turns, with the held-out split kept out whole."""
+"""Prompt sources (ShareGPT's later turns, with the held-out split kept out whole) and regeneration."""
 
 import json
 
+import pytest
+import torch
+
 import treeflash.data as data
 from treeflash.data import Prompt, _write_shards, sharegpt_later_turns
+from treeflash.errors import TreeFlashError
+
+from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
 
 
 def _record(cid, *texts, first="human"):
@@ -51,3 +57,59 @@ def test_regeneration_templates_the_whole_conversation(tmp_path):
     assert seen[0] == prompt.messages() and seen[1] == [{"role": "user", "content": "q"}]
     lines = [json.loads(line) for line in (tmp_path / "shard-00000.jsonl").read_text().splitlines()]
     assert [(r["id"], r["prompt_ids"]) for r in lines] == [("x-turn2", [0, 1, 2]), ("y", [0])]
+
+
+# -- regeneration engines ---------------------------------------------------------------------------
+
+
+def _tiny_model_and_tokenizer(model_dir):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64)
+    return model, AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def test_regeneration_through_our_engine_writes_what_transformers_generate_writes(model_dir, tmp_path):  # noqa: F811
+    """At T = 0 the engines give the same records (float64: no near-ties), shard for shard, prompts of unequal
+    lengths batched together and responses stopping at EOS or at the cap; each response is `ar`'s alone."""
+    from treeflash.data import load_sequences, regenerate
+    from treeflash.decoding import DecodeConfig, Decoder
+    from treeflash.targets import Target
+
+    model, tokenizer = _tiny_model_and_tokenizer(model_dir)
+    prompts = [Prompt(f"p{i}", " ".join(f"w{(7 * i + 3 * j) % 90 + 3}" for j in range(1 + i % 4))) for i in range(7)]
+    ours = regenerate(model, tokenizer, prompts, tmp_path / "ours", max_new_tokens=12, batch_size=3, progress=False)
+    theirs = regenerate(model, tokenizer, prompts, tmp_path / "theirs", max_new_tokens=12, batch_size=3,
+                        progress=False, engine="transformers")
+    assert ours["shards"] == theirs["shards"] == 3 and ours["written_now"] == 7
+    for name in ("shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"):
+        assert (tmp_path / "ours" / name).read_text() == (tmp_path / "theirs" / name).read_text()
+    records = [json.loads(line) for line in (tmp_path / "ours" / "shard-00001.jsonl").read_text().splitlines()]
+    alone = Decoder(Target(model, tokenizer)).generate(records[0]["prompt_ids"],
+                                                       DecodeConfig(method="ar", max_new_tokens=12))
+    assert records[0]["response_ids"] == alone.token_ids
+    lengths = [len(s.tokens) - s.prompt_length for s in load_sequences(tmp_path / "ours")]
+    assert max(lengths) == 12  # some responses reach the cap (the tiny model rarely says EOS)
+    assert json.loads((tmp_path / "ours" / "regenerate.json").read_text())["engine"] == "treeflash"
+
+
+def test_a_data_directory_keeps_the_engine_it_was_made_with(model_dir, tmp_path):  # noqa: F811
+    from treeflash.data import regenerate
+
+    model, tokenizer = _tiny_model_and_tokenizer(model_dir)
+    prompts = [Prompt(f"p{i}", f"w{i + 3} w{i + 9}") for i in range(4)]
+    out = tmp_path / "data"
+    regenerate(model, tokenizer, prompts[:2], out, max_new_tokens=4, batch_size=2, progress=False)
+    with pytest.raises(TreeFlashError, match="holds data made with other settings.*same settings to continue it"):
+        regenerate(model, tokenizer, prompts, out, max_new_tokens=4, batch_size=2, progress=False,
+                   engine="transformers")
+    assert regenerate(model, tokenizer, prompts, out, max_new_tokens=4, batch_size=2, progress=False)["written_now"] == 2
+    # Data made before the engine was recorded was made by transformers, and continues with it.
+    meta = json.loads((out / "regenerate.json").read_text())
+    del meta["engine"]
+    (out / "regenerate.json").write_text(json.dumps(meta))
+    with pytest.raises(TreeFlashError, match="other settings"):
+        regenerate(model, tokenizer, prompts, out, max_new_tokens=4, batch_size=2, progress=False)
+    regenerate(model, tokenizer, prompts, out, max_new_tokens=4, batch_size=2, progress=False, engine="transformers")
+    with pytest.raises(TreeFlashError, match="unknown engine 'vllm'; choose one of treeflash, transformers"):
+        regenerate(model, tokenizer, prompts, out, engine="vllm")

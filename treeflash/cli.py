@@ -216,7 +216,7 @@ def cmd_train_data(args: argparse.Namespace) -> int:
     target = load_target(args.target, dtype=parse_dtype(args.dtype))
     counts = regenerate(target.model, target.tokenizer, kept, out, max_new_tokens=args.max_new_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
-                        temperature=args.temperature, seed=args.seed, target_name=target.name)
+                        temperature=args.temperature, seed=args.seed, target_name=target.name, engine=args.engine)
     print(json.dumps(counts))
     return 0
 
@@ -542,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="make training data, train drafters and TreeFlash heads")
     steps = train.add_subparsers(dest="step", required=True)
+    from .data import REGENERATION_ENGINES
+
     d = steps.add_parser("data", help="regenerate responses to prompts with the target (resumable)")
     d.add_argument("--out", required=True, help="output directory of JSONL shards")
     d.add_argument("--prompts", default="sharegpt",
@@ -557,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     d.add_argument("--dtype", default="float32",
                    help="target dtype for generation; bfloat16 is ~3x faster on CPUs with AMX (default: float32)")
+    d.add_argument("--engine", default="treeflash", choices=REGENERATION_ENGINES,
+                   help="treeflash: this library's ar, batched, on packed weights (2.5x transformers on a 2-core "
+                        "CPU); transformers: model.generate, as data made before this flag was (default: treeflash)")
     d.add_argument("--server", default=None,
                    help="generate through a running OpenAI-compatible server (vLLM, SGLang, treeflash serve) at this "
                         "URL instead of in this process; --target then only gives the tokenizer")
