@@ -278,48 +278,54 @@ def regenerate(
     """
     if engine not in REGENERATION_ENGINES:
         raise TreeFlashError(f"unknown engine {engine!r}; choose one of {', '.join(REGENERATION_ENGINES)}")
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
     if engine == "treeflash":
         from .decoding import DecodeConfig, Decoder
         from .targets import Target
 
         decoder = Decoder(Target(model, tokenizer, name=target_name))
 
-    def engine_responses(index: int, batch: list[tuple[str, list[int]]]) -> list[list[int]]:
+    def responses(index: int, batch: list[tuple[str, list[int]]]) -> list[list[int]]:
+        prompt_ids = [ids for _, ids in batch]
+        if engine == "transformers":
+            torch.manual_seed(seed * 100_003 + index)  # generate() samples from the global RNG
+            return transformers_responses(model, tokenizer, prompt_ids, max_new_tokens, temperature)
         configs = [DecodeConfig(method="ar", max_new_tokens=max_new_tokens, temperature=temperature,
                                 seed=seed * 100_003 + index * batch_size + i) for i in range(len(batch))]
-        return [r.token_ids for r in decoder.generate_batch([ids for _, ids in batch], configs, max_batch=len(batch))]
-
-    def responses(index: int, batch: list[tuple[str, list[int]]]) -> list[list[int]]:
-        width = max(len(ids) for _, ids in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (_, ids) in enumerate(batch):  # left padding, as decoder-only batched generation needs
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
-        torch.manual_seed(seed * 100_003 + index)  # generate() samples from the global RNG
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                    do_sample=temperature > 0, temperature=temperature or None, top_p=None,
-                                    top_k=None, pad_token_id=pad)
-        out_ids = []
-        for row in range(len(batch)):
-            response = []
-            for token in output[row, width:].tolist():
-                response.append(token)
-                if token in eos:
-                    break
-            out_ids.append(response)
-        return out_ids
+        return [r.token_ids for r in decoder.generate_batch(prompt_ids, configs, max_batch=len(batch))]
 
     meta = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
             "temperature": temperature, "seed": seed, "prompts": len(prompts),
             "target": target_name or getattr(model.config, "_name_or_path", None), "dtype": str(model.dtype),
             "engine": engine}
-    return _write_shards(tokenizer, prompts, out, meta, engine_responses if engine == "treeflash" else responses,
-                         progress)
+    return _write_shards(tokenizer, prompts, out, meta, responses, progress)
+
+
+def transformers_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                           temperature: float = 0.0) -> list[list[int]]:
+    """`model.generate` over the prompts as one left-padded batch (sampling from the global RNG at T > 0); each
+    response ends at its first EOS, which it keeps."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):  # left padding, as decoder-only batched generation needs
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                do_sample=temperature > 0, temperature=temperature or None, top_p=None,
+                                top_k=None, pad_token_id=pad)
+    out_ids = []
+    for row in range(len(prompt_ids)):
+        response = []
+        for token in output[row, width:].tolist():
+            response.append(token)
+            if token in eos:
+                break
+        out_ids.append(response)
+    return out_ids
 
 
 def regenerate_via_server(
