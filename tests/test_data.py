@@ -113,3 +113,18 @@ def test_a_data_directory_keeps_the_engine_it_was_made_with(model_dir, tmp_path)
     regenerate(model, tokenizer, prompts, out, max_new_tokens=4, batch_size=2, progress=False, engine="transformers")
     with pytest.raises(TreeFlashError, match="unknown engine 'vllm'; choose one of treeflash, transformers"):
         regenerate(model, tokenizer, prompts, out, engine="vllm")
+
+
+def test_train_data_cli_regenerates_through_our_engine_by_default(model_dir, tmp_path, capsys):  # noqa: F811
+    from treeflash.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"w{i + 3} w{2 * i + 5}"}) + "\n" for i in range(3)))
+    out = tmp_path / "data"
+    argv = ["train", "data", "--prompts", str(prompts), "--target", str(model_dir), "--out", str(out),
+            "--max-new-tokens", "5", "--batch-size", "2"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["written_now"] == 3
+    assert json.loads((out / "regenerate.json").read_text())["engine"] == "treeflash"
+    assert main(argv + ["--engine", "transformers"]) == 2
+    assert "holds data made with other settings" in capsys.readouterr().err
