@@ -273,7 +273,7 @@ def regenerate(
     `engine`: "treeflash" generates with this library's `ar` (`Decoder.generate_batch`: a shard's prompts
     batched, packed weights), so a response is exactly what `treeflash generate --method ar` answers;
     "transformers" with `model.generate` (left-padded batches). At T = 0 both give the same responses up to
-    float rounding at near-ties (32 of 32 identical on the default model); ours made 156 tokens/s against 62 on
+    float rounding at near-ties (32 of 32 identical on the default model); ours made 162 tokens/s against 65 on
     a 2-core AMD EPYC (float32, 32 ShareGPT prompts x 128 tokens). A directory keeps the engine it was made with.
     """
     if engine not in REGENERATION_ENGINES:
