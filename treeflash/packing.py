@@ -8,9 +8,10 @@ before/after on the default model. Projections that read the same input are also
 gate, up), so that the input is read by one GEMM instead of two or three.
 
 Which library packs float32 depends on the processor (`float32_backend`). MKL on Intel, where its packed
-sgemm was measured fastest. oneDNN elsewhere: on a 2-core AMD EPYC (AVX2) MKL's kernels are 2-4x slower than
-oneDNN's for these shapes (LM head, 5 rows: 17.6 ms with `F.linear`, 4.7 ms packed by oneDNN; `ar` 22 -> 30
-tokens/s, `treeflash@4` 18 -> 32; results/speed/packed_gemm_cpu_amd.md). $TREEFLASH_CPU_GEMM ("mkl",
+sgemm was measured fastest. oneDNN elsewhere: on a 2-core AMD EPYC (AVX2) MKL's kernels are 1.5-4x slower than
+oneDNN's for these shapes (LM head, 5 rows: 17.6 ms with `F.linear`, 4.6 ms packed by oneDNN;
+results/speed/packed_gemm_cpu_amd.md), and with oneDNN the same bench took treeflash@4 from 0.89x to 1.13x
+`ar` (docs/speed.md). $TREEFLASH_CPU_GEMM ("mkl",
 "onednn" or "plain") overrides the choice, e.g. to compare them; the choice is made once per weight, when it is
 packed, so plain decoding and verification always share it.
 
@@ -25,6 +26,7 @@ tree verification run through the same packed maps.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from typing import Sequence
@@ -40,7 +42,7 @@ PACK_ROWS_HINT = 64
 # Up to this many rows MKL's plain kernel (a matrix-vector product) is as fast or faster than its packed GEMM
 # (scripts/packed_gemm.py on an Intel Xeon: 0.95x packed at 1-2 rows, 1.24x at 4), so those products skip the
 # packing. Not so for oneDNN's float32 kernels on an AMD EPYC, faster at every row count (the LM head at one
-# row: 7.1 ms through F.linear, 3.6 ms packed), which run every product packed.
+# row: 7.4 ms through F.linear, 3.5 ms packed), which run every product packed.
 PLAIN_MAX_ROWS = 2
 
 
@@ -49,11 +51,13 @@ _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.b
 _FLOAT32_BACKENDS = ("mkl", "onednn", "plain")
 
 
+@functools.cache
 def _cpu_vendor() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor()
