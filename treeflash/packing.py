@@ -120,9 +120,12 @@ class FusedLinear:
         except RuntimeError:  # a build whose kernels refuse this shape: stay with F.linear
             self.backend = None
             return
-        # MKL reads the original weight too (its signature asks for it); oneDNN needs only the packed one.
-        self._weight, self._packed, self._bias = weight.contiguous(), packed, bias
-        self._plain_max_rows = 0 if self.backend == "onednn" and weight.dtype == torch.float32 else PLAIN_MAX_ROWS
+        # -1: no product takes the plain path (oneDNN float32 packed is faster at every row count, and takes 0 rows)
+        self._plain_max_rows = -1 if self.backend == "onednn" and weight.dtype == torch.float32 else PLAIN_MAX_ROWS
+        # MKL reads the original weight too (its signature asks for it), and so do the plain few-row products;
+        # oneDNN float32 needs only the packed one, so the (for fused maps, concatenated) copy is not kept.
+        keep = self.backend == "mkl" or self._plain_max_rows >= 0
+        self._weight, self._packed, self._bias = weight.contiguous() if keep else None, packed, bias
         self._parts = []
 
     def split(self, x: Tensor) -> tuple[Tensor, ...]:
