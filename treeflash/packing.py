@@ -8,7 +8,7 @@ before/after on the default model. Projections that read the same input are also
 gate, up), so that the input is read by one GEMM instead of two or three.
 
 Which library packs float32 depends on the processor (`float32_backend`). MKL on Intel, where its packed
-sgemm was measured fastest. oneDNN elsewhere: on a 2-core AMD EPYC (AVX2) MKL's kernels are 1.5-4x slower than
+sgemm was measured fastest. oneDNN elsewhere: on a 2-core AMD EPYC (AVX2) MKL's kernels are 1.3-4.6x slower than
 oneDNN's for these shapes (LM head, 5 rows: 17.6 ms with `F.linear`, 4.6 ms packed by oneDNN;
 results/speed/packed_gemm_cpu_amd.md), and with oneDNN the same bench took treeflash@4 from 0.89x to 1.13x
 `ar` (docs/speed.md). $TREEFLASH_CPU_GEMM ("mkl",

@@ -133,7 +133,7 @@ class Target:
         CPUs) passes of 3-65 tokens (a verified tree, or several sequences' `ar` steps batched) run 1.1-1.4x
         faster, and a 1-token `ar` pass gains from the fused q,k,v and gate,up products alone (default model, 2
         threads: ar 23.7 -> 25.5 tokens/s alone, 91 -> 119 tokens/s for 8 batched). With oneDNN (other CPUs)
-        every pass is packed, 1 token included: 1.5-4x faster products on an AMD EPYC (see `treeflash.packing`)."""
+        every pass is packed, 1 token included: 1.3-4.6x faster products on an AMD EPYC (see `treeflash.packing`)."""
         if self.pack_weights and not self.packed:
             self.maps = [self._layer_maps(layer, pack=True) for layer in self.layers]
             self.lm_head_map = linear_map(self.lm_head, pack=True)
