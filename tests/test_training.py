@@ -172,6 +172,28 @@ def test_resume_with_other_settings_is_refused(tmp_path):
               log=lambda m: None)
 
 
+def test_several_data_directories_are_read_in_order_and_a_shared_record_is_refused(tmp_path):
+    def shard(name, records):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shard-00000.jsonl").write_text(
+            "".join(json.dumps({"id": i, "prompt_ids": [1, 2], "response_ids": r}) + "\n" for i, r in records))
+
+    shard("a", [("a0", [3, 4]), ("a1", [5, 6, 7])])
+    shard("b", [("b0", [8, 9])])
+    shard("c", [("a1", [5, 6, 7])])
+    both = load_sequences(f"{tmp_path / 'a'},{tmp_path / 'b'}")
+    assert [s.id for s in both] == ["a0", "a1", "b0"]
+    assert both[1].tokens == [1, 2, 5, 6, 7] and both[1].prompt_length == 2
+    reordered = load_sequences(f"{tmp_path / 'b'},{tmp_path / 'a'}", max_length=4)
+    assert [s.id for s in reordered] == ["b0", "a0", "a1"] and reordered[2].tokens == [1, 2, 5, 6]
+    with pytest.raises(TreeFlashError, match="'a1' is in both"):
+        load_sequences(f"{tmp_path / 'a'},{tmp_path / 'c'}")
+    with pytest.raises(TreeFlashError, match="empty name"):
+        load_sequences(f"{tmp_path / 'a'},")
+    with pytest.raises(TreeFlashError, match="no training data"):
+        load_sequences(f"{tmp_path / 'a'},{tmp_path / 'missing'}")
+
+
 def test_bad_inputs_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(TreeFlashError, match="no training data"):
         load_sequences(tmp_path / "nothing")

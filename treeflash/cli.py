@@ -416,7 +416,8 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
 
     d = TrainConfig(stage=stage)
     lr = 1e-3 if stage == "drafter" else 1e-4  # the drafter's: the shipped recipe (training/README.md)
-    p.add_argument("--data", default=None, help="regenerated data (the --out of `treeflash train data`)")
+    p.add_argument("--data", default=None, help="regenerated data (the --out of `treeflash train data`), or "
+                                                 "several such directories comma-separated")
     p.add_argument("--features", default=None,
                    help="a feature cache (`treeflash train features`), or several comma-separated: train on "
                         "their sequences without running the target (instead of --data)")
@@ -573,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .features import DEFAULT_SHARD_SEQUENCES
 
     f = steps.add_parser("features", help="run the target once over training data and cache its features (resumable)")
-    f.add_argument("--data", required=True, help="regenerated data (the --out of `treeflash train data`)")
+    f.add_argument("--data", required=True, help="regenerated data (the --out of `treeflash train data`), or several comma-separated")
     f.add_argument("--out", required=True, help="cache directory (memory-mapped float16 shards); resumes if it holds one")
     f.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
     f.add_argument("--layers", default=None,

@@ -421,8 +421,29 @@ class Sequence:
 
 
 def load_sequences(data: str | Path, max_length: int | None = None) -> list[Sequence]:
-    """Read regenerated shards (or any JSONL of {"prompt_ids", "response_ids"}), checking the format."""
-    data = Path(data)
+    """Read regenerated shards (or any JSONL of {"prompt_ids", "response_ids"}), checking the format.
+
+    data: a directory of shards or one JSONL file, or several of them comma-separated (their records in
+    that order; a record id that two of them share is refused, since it would be trained on twice or sit on
+    both sides of the validation split).
+    """
+    parts = [p.strip() for p in str(data).split(",")] if isinstance(data, str) and "," in data else [data]
+    if len(parts) > 1:
+        if not all(parts):
+            raise TreeFlashError(f"--data {data!r} holds an empty name; separate the directories by single commas")
+        sequences, origin = [], {}
+        for part in parts:
+            for seq in _load_one(Path(part), max_length):
+                if seq.id in origin:
+                    raise TreeFlashError(f"record {seq.id!r} is in both {origin[seq.id]} and {part}; "
+                                         "pass each data set once (or regenerate one of them)")
+                origin[seq.id] = part
+                sequences.append(seq)
+        return sequences
+    return _load_one(Path(data), max_length)
+
+
+def _load_one(data: Path, max_length: int | None) -> list[Sequence]:
     files = sorted(data.glob("shard-*.jsonl")) if data.is_dir() else [data]
     if not files or not files[0].exists():
         raise TreeFlashError(f"no training data at {data}; run `treeflash train data` first")
