@@ -248,6 +248,18 @@ def test_the_validation_split_is_stable_as_the_data_grows():
     assert len(split_validation(data(3), 16)[0]) == 2
 
 
+def test_the_held_out_records_do_not_move_with_the_seed(tmp_path):
+    target = tiny_target("llama", dtype=torch.float32)
+    held = []
+    for seed in (0, 1):
+        train(_fresh(target), target, _sequences(target, count=12), _config(epochs=1, seed=seed, val_sequences=3),
+              tmp_path / f"seed{seed}", max_steps=1, progress=False, log=lambda m: None)
+        held.append(json.loads((tmp_path / f"seed{seed}" / "held_out.json").read_text()))
+    assert len(held[0]) == 3 and held[0] == held[1]
+    ids = [s.id for s in _sequences(target, count=12)]
+    assert held[0] == [s.id for s in split_validation(_sequences(target, count=12), 3)[0]] and set(held[0]) <= set(ids)
+
+
 def test_initialize_from_target_copies_the_last_layers():
     from treeflash.training import initialize_from_target
 

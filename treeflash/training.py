@@ -51,6 +51,7 @@ STAGES = ("drafter", "head")
 LOSSES = ("ce", "kl", "ce+kl")
 STATE_FILE = "trainer_state.pt"
 DRAFTER_DIR = "drafter"
+HELD_OUT_FILE = "held_out.json"  # the validation records' ids
 
 
 def default_gamma(block_size: int) -> float:
@@ -603,8 +604,12 @@ def train(
         sequences = sequences[: config.max_sequences]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    val, train_set = split_validation(sequences, config.val_sequences, config.seed)
+    # The held-out set does not move with --seed: a run continued in another order (a new seed) must not
+    # train on what the earlier runs validated on.
+    val, train_set = split_validation(sequences, config.val_sequences)
     n_val = len(val)
+    if ranks.main:  # which records the run never trains on, for anyone evaluating it later
+        (out / HELD_OUT_FILE).write_text(json.dumps([s.id for s in val]) + "\n")
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total = max(1, math.ceil(config.epochs * steps_per_epoch))
     budget = None if config.time_budget is None else 60.0 * config.time_budget
