@@ -11,13 +11,13 @@ many responses are identical. Writes Markdown.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 
 import torch
 
 from treeflash.api import load
+from treeflash.bench import cpu_model
 from treeflash.data import load_prompts, transformers_responses
 from treeflash.decoding import DecodeConfig
 
@@ -57,7 +57,7 @@ def main() -> None:
     text = "\n".join([
         f"{len(prompts)} ShareGPT prompts ({sum(map(len, prompts))} prompt tokens), greedy, up to "
         f"{args.max_new_tokens} new tokens, float32, all prompts in one batch. Machine: "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+        f"{cpu_model()}, {torch.get_num_threads()} torch threads, torch "
         f"{torch.__version__}. Command: `python scripts/regeneration_speed.py {' '.join(sys.argv[1:])}`.",
         "",
         "| engine | new tokens | seconds | tokens/s |",

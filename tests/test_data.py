@@ -82,8 +82,12 @@ def test_regeneration_through_our_engine_writes_what_transformers_generate_write
     theirs = regenerate(model, tokenizer, prompts, tmp_path / "theirs", max_new_tokens=12, batch_size=3,
                         progress=False, engine="transformers")
     assert ours["shards"] == theirs["shards"] == 3 and ours["written_now"] == 7
+    # A loaded Target (what the CLI passes: no second packed copy of the weights) gives the same shards.
+    regenerate(Target(model, tokenizer), tokenizer, prompts, tmp_path / "target", max_new_tokens=12, batch_size=3,
+               progress=False)
     for name in ("shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"):
         assert (tmp_path / "ours" / name).read_text() == (tmp_path / "theirs" / name).read_text()
+        assert (tmp_path / "target" / name).read_text() == (tmp_path / "ours" / name).read_text()
     records = [json.loads(line) for line in (tmp_path / "ours" / "shard-00001.jsonl").read_text().splitlines()]
     alone = Decoder(Target(model, tokenizer)).generate(records[0]["prompt_ids"],
                                                        DecodeConfig(method="ar", max_new_tokens=12))

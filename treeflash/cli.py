@@ -214,7 +214,7 @@ def cmd_train_data(args: argparse.Namespace) -> int:
         print(json.dumps(counts))
         return 0
     target = load_target(args.target, dtype=parse_dtype(args.dtype))
-    counts = regenerate(target.model, target.tokenizer, kept, out, max_new_tokens=args.max_new_tokens,
+    counts = regenerate(target, target.tokenizer, kept, out, max_new_tokens=args.max_new_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
                         temperature=args.temperature, seed=args.seed, target_name=target.name, engine=args.engine)
     print(json.dumps(counts))

@@ -264,6 +264,9 @@ def regenerate(
 ) -> dict:
     """Write the target's responses to `prompts` as JSONL shards of `batch_size` records in `out`.
 
+    model: a transformers causal LM, or a loaded `treeflash.targets.Target` (whose model and packed weights
+    are used as they are).
+
     Resumable: shards already written for the same batch are skipped (each is written to a temporary file
     and renamed), and the work is deterministic for a seed, so an interrupted run continues where it stopped
     and a run can be extended with more prompts. Prompts are
@@ -278,11 +281,14 @@ def regenerate(
     """
     if engine not in REGENERATION_ENGINES:
         raise TreeFlashError(f"unknown engine {engine!r}; choose one of {', '.join(REGENERATION_ENGINES)}")
+    from .targets import Target
+
+    target = model if isinstance(model, Target) else None  # a loaded Target: its packed weights are reused
+    model = target.model if target is not None else model
     if engine == "treeflash":
         from .decoding import DecodeConfig, Decoder
-        from .targets import Target
 
-        decoder = Decoder(Target(model, tokenizer, name=target_name))
+        decoder = Decoder(target or Target(model, tokenizer, name=target_name))
 
     def responses(index: int, batch: list[tuple[str, list[int]]]) -> list[list[int]]:
         prompt_ids = [ids for _, ids in batch]

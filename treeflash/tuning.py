@@ -23,13 +23,13 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from .bench import cpu_model
 from .decoding import DecodeConfig, Decoder, tau
 from .errors import TreeFlashError
 from .targets import cache_dir
@@ -101,16 +101,6 @@ class Tuning:
                    created=d.get("created", ""), command=d.get("command", ""))
 
 
-def _processor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def drafter_fingerprint(drafter) -> str:
     """A short hash of a drafter's config and weights: two checkpoints tune separately. It runs on every
     `treeflash.load()`, so it reads ~1,000 evenly spaced values of each tensor rather than all of them (a
@@ -130,7 +120,7 @@ def tuning_key(decoder: Decoder) -> dict:
     device = target.device
     accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
-        "processor": _processor(),
+        "processor": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device.type,
