@@ -1,10 +1,12 @@
 """Plot training runs from their log.jsonl against training minutes: loss, validation chain tau, and
 per-position top-1 agreement at the last validation.
 
-    python scripts/plot_training.py OUT.png RUN [RUN ...]
+    python scripts/plot_training.py OUT.png RUN [RUN ...] [--baseline NAME=METRICS.json ...]
 
 Each RUN is a `treeflash train drafter|head --out` directory or its log.jsonl file (e.g.
-training/runs/smollm2/*.log.jsonl). Needs matplotlib (the `bench` extra).
+training/runs/smollm2/*.log.jsonl). A baseline is the JSON a `--max-steps 0` run prints (the drafter a run
+starts from, validated on the same held-out records): a dashed line in the tau panel and its profile in the
+last. Needs matplotlib (the `bench` extra).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def smooth(values: list[float], window: int = 25) -> list[float]:
     return out
 
 
-def main(out: str, runs: list[str]) -> None:
+def main(out: str, runs: list[str], baselines: list[str] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,6 +56,16 @@ def main(out: str, runs: list[str]) -> None:
             axes[2].plot(depth, last["marginal_top1"], marker=".", label=f"{name}: marginal")
             if stage == "head":
                 axes[2].plot(depth, last["conditional_top1"], marker=".", label=f"{name}: conditional")
+    for spec in baselines:
+        name, _, path = spec.rpartition("=")
+        metrics = json.loads(Path(path).read_text())
+        key = "conditional_chain_tau" if "conditional_chain_tau" in metrics else "marginal_chain_tau"
+        line = axes[1].axhline(metrics[key], linestyle="--", color="gray", label=f"{name or Path(path).stem} (start)")
+        depth = range(1, len(metrics["marginal_top1"]) + 1)
+        for kind, style in (("marginal", ":"), ("conditional", "--")):
+            if f"{kind}_top1" in metrics:
+                axes[2].plot(depth, metrics[f"{kind}_top1"], linestyle=style, color=line.get_color(),
+                             label=f"{name or Path(path).stem}: {kind} (start)")
     axes[0].set(title="training loss (moving average of 25 steps)", xlabel="training minutes", ylabel="loss", yscale="log")
     axes[1].set(title="validation: expected tau of a chain", xlabel="training minutes", ylabel="tau")
     axes[2].set(title="validation: top-1 agreement with the target, last eval", xlabel="block position",
@@ -68,6 +80,9 @@ def main(out: str, runs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
+    args = sys.argv[2:]
+    baselines = [args[i + 1] for i, a in enumerate(args) if a == "--baseline" and i + 1 < len(args)]
+    runs = [a for i, a in enumerate(args) if a != "--baseline" and (i == 0 or args[i - 1] != "--baseline")]
+    if len(sys.argv) < 3 or not runs or args.count("--baseline") != len(baselines):
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2:])
+    main(sys.argv[1], runs, baselines)
