@@ -608,7 +608,7 @@ def train(
     # train on what the earlier runs validated on.
     val, train_set = split_validation(sequences, config.val_sequences)
     n_val = len(val)
-    if ranks.main:  # which records the run never trains on, for anyone evaluating it later
+    if ranks.main and max_steps != 0:  # which records the run never trains on (a validation alone writes nothing)
         (out / HELD_OUT_FILE).write_text(json.dumps([s.id for s in val]) + "\n")
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total = max(1, math.ceil(config.epochs * steps_per_epoch))
