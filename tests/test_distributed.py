@@ -138,6 +138,26 @@ def test_distributed_a_dead_rank_gives_a_clear_error_not_a_hang(model_dir, data,
                 p.kill()
 
 
+def test_the_cli_leaves_at_once_after_a_lost_peer_whatever_teardown_would_wait_on():
+    """After a lost peer, freeing DDP and the process group can wait on the dead rank (CI once saw a rank alive
+    300 s after printing the error). Here a thread that never ends stands for that teardown: the process must
+    still exit, with the error and status 2."""
+    code = """
+import argparse, sys, threading
+from treeflash import cli, distributed
+threading.Thread(target=threading.Event().wait).start()  # a teardown that never ends
+def lose(args):
+    raise distributed.lost_peer(distributed.Ranks(1, 2), 3, RuntimeError("Connection reset by peer"))
+parser = argparse.ArgumentParser()
+parser.set_defaults(func=lose)
+cli.build_parser = lambda: parser
+sys.exit(cli.main([]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "rank 1 of 2 lost contact with the other ranks at step 3" in done.stderr, done.stderr[-2000:]
+
+
 def test_a_failed_collective_anywhere_in_a_step_is_a_lost_peer_only_for_distributed_ranks():
     """The dead-rank error depends on where the run is when the peer dies (forward, all-reduce, backward, the
     clock's broadcast): every such place goes through `peers`, which translates for ranks and not otherwise."""

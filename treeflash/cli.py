@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import warnings
@@ -605,6 +606,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except TreeFlashError as e:
         print(f"treeflash: error: {e}", file=sys.stderr)
+        from .distributed import LostPeer
+
+        if isinstance(e, LostPeer):  # leave before the traceback's DDP and process group are freed (see LostPeer)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 

@@ -111,9 +111,16 @@ def from_main(value: float, ranks: Ranks, device: torch.device) -> float:
     return float(t)
 
 
-def lost_peer(ranks: Ranks, step: int, error: BaseException) -> TreeFlashError:
+class LostPeer(TreeFlashError):
+    """A collective failed: another rank died or stopped answering. The process cannot be torn down cleanly
+    after it: freeing DDP and the process group waits on the dead peer's collectives, up to `timeout()`, so
+    the CLI leaves at once after printing it (seen in CI: a rank that had printed this error was still alive
+    300 s later)."""
+
+
+def lost_peer(ranks: Ranks, step: int, error: BaseException) -> LostPeer:
     """The error a rank raises when a collective failed: another rank died, or stopped answering."""
-    return TreeFlashError(
+    return LostPeer(
         f"rank {ranks.rank} of {ranks.world} lost contact with the other ranks at step {step} ({type(error).__name__}: "
         f"{str(error).splitlines()[0] if str(error) else 'no details'}); another rank failed or stopped: see the first "
         "rank's error above, fix it and rerun the same command, which resumes from the last checkpoint"
