@@ -166,7 +166,7 @@ def run_level(url: str, model: str, concurrency: int, args, deadline: float) -> 
 
 
 def machine() -> str:
-    from treeflash.bench import cpu_model
+    from treeflash.packing import cpu_model
 
     return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, no GPU"
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from treeflash.packing import FusedLinear, _cpu_vendor, float32_backend
+from treeflash.packing import FusedLinear, _cpu_vendor, cpu_model, float32_backend
 
 from _output import write_markdown  # scripts/_output.py (scripts run as `python scripts/NAME.py`)
 
@@ -60,7 +59,7 @@ def main() -> None:
     names = list(packed)
     lines = [
         f"30 layers of projections ({megabytes:.0f} MB float32) and the LM head ({head.numel() * 4 / 1e6:.0f} MB), "
-        f"best of 9 alternating runs, ms. Machine: {platform.processor() or platform.machine()} ({_cpu_vendor()}), "
+        f"best of 9 alternating runs, ms. Machine: {cpu_model()} ({_cpu_vendor()}), "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; this processor's default library: "
         f"{default}. Command: `python scripts/packed_gemm.py {' '.join(sys.argv[1:])}`.",
         "",

@@ -11,8 +11,8 @@ last. Needs matplotlib (the `bench` extra).
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -80,9 +80,9 @@ def main(out: str, runs: list[str], baselines: list[str] = ()) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[2:]
-    baselines = [args[i + 1] for i, a in enumerate(args) if a == "--baseline" and i + 1 < len(args)]
-    runs = [a for i, a in enumerate(args) if a != "--baseline" and (i == 0 or args[i - 1] != "--baseline")]
-    if len(sys.argv) < 3 or not runs or args.count("--baseline") != len(baselines):
-        sys.exit(__doc__)
-    main(sys.argv[1], runs, baselines)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out")
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--baseline", action="append", default=[], metavar="NAME=METRICS.json")
+    args = parser.parse_args()
+    main(args.out, args.runs, args.baseline)

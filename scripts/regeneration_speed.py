@@ -17,7 +17,7 @@ import time
 import torch
 
 from treeflash.api import load
-from treeflash.bench import cpu_model
+from treeflash.packing import cpu_model
 from treeflash.data import load_prompts, transformers_responses
 from treeflash.decoding import DecodeConfig
 

@@ -110,3 +110,14 @@ def test_drafter_packs_for_inference_and_repacks_when_its_weights_change():
         drafter.layers[0].mlp.down_proj.weight.mul_(2.0)
     second = draft()
     assert not torch.allclose(first.hidden, second.hidden)  # the packed copy followed the change
+
+
+def test_the_processor_is_named_from_cpuinfo(monkeypatch):
+    import treeflash.packing as packing
+
+    monkeypatch.setattr(packing, "_cpuinfo", lambda: {"vendor_id": "AuthenticAMD", "model name": "AMD EPYC"})
+    assert packing.cpu_model() == "AMD EPYC" and packing._cpu_vendor() == "AuthenticAMD"
+    monkeypatch.setattr(packing, "_cpuinfo", lambda: {"hardware": "BCM2835"})  # ARM boards
+    assert packing.cpu_model() == "BCM2835"
+    monkeypatch.setattr(packing, "_cpuinfo", lambda: {})  # no /proc/cpuinfo: still a name
+    assert packing.cpu_model()

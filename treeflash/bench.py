@@ -47,6 +47,7 @@ import torch
 
 from .decoding import METHODS, STAGES, DecodeConfig, Decoder, tau
 from .errors import TreeFlashError
+from .packing import cpu_model
 from .trees import check_budget
 
 HF_GENERATE = "hf-generate"
@@ -456,16 +457,6 @@ def run_bench(decoder: Decoder, prompts: dict[str, list[tuple[str, list[int]]]],
 
 # --------------------------------------------------------------------------------------------------
 # Where it ran
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def machine_info(device: torch.device) -> dict:

@@ -52,15 +52,31 @@ _FLOAT32_BACKENDS = ("mkl", "onednn", "plain")
 
 
 @functools.cache
-def _cpu_vendor() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """/proc/cpuinfo's fields (lower-case names, each name's first value); empty where there is none."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                name, sep, value = line.partition(":")
+                if sep:
+                    info.setdefault(name.strip().lower(), value.strip())
     except OSError:
         pass
-    return platform.processor()
+    return info
+
+
+def _cpu_vendor() -> str:
+    return _cpuinfo().get("vendor_id") or platform.processor()
+
+
+def cpu_model() -> str:
+    """The processor's name, for reports of where something was measured (e.g. "AMD EPYC")."""
+    info = _cpuinfo()
+    for name in ("model name", "hardware", "cpu model"):
+        if info.get(name):
+            return info[name]
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def float32_backend() -> str | None:

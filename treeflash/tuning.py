@@ -29,9 +29,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .bench import cpu_model
 from .decoding import DecodeConfig, Decoder, tau
 from .errors import TreeFlashError
+from .packing import cpu_model
 from .targets import cache_dir
 from .trees import check_budget
 
