@@ -4,6 +4,8 @@ import torch
 from treeflash.errors import TreeFlashError
 from treeflash.trees import DraftTree, tree_attention_mask
 
+from treeflash.targets import norm_map
+
 from helpers import tiny_target
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
@@ -112,3 +114,24 @@ def test_missing_target_path_is_a_clear_error(tmp_path):
         load_target(str(tmp_path / "nope" / "deeper"))
     with pytest.raises(TreeFlashError, match="no config.json"):
         load_target(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_rms_norms_compute_what_the_model_norms_compute(family):
+    target = tiny_target(family, dtype=torch.float32)
+    x = 3 * torch.randn(7, target.hidden_size, generator=torch.Generator().manual_seed(5))
+    pairs = [(norm_map(target.final_norm), target.final_norm)]
+    for layer, maps in zip(target.layers, target.maps):
+        pairs += [(maps.input_norm, layer.input_layernorm), (maps.post_norm, layer.post_attention_layernorm)]
+        if family == "qwen3":
+            q = torch.randn(7, target.num_heads, target.head_dim, generator=torch.Generator().manual_seed(6))
+            torch.testing.assert_close(maps.q_norm(q), layer.self_attn.q_norm(q), atol=1e-6, rtol=0)
+            torch.testing.assert_close(maps.k_norm(q), layer.self_attn.k_norm(q), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for layer in target.layers:  # norms that are not all ones, so a dropped weight shows
+            layer.input_layernorm.weight.normal_(generator=torch.Generator().manual_seed(7))
+        for fused, module in pairs:
+            assert fused is not module  # the fused path is taken for every float32 norm of these families
+            torch.testing.assert_close(fused(x), module(x), atol=1e-6, rtol=0)
+    half = tiny_target(family, dtype=torch.bfloat16)
+    assert half.maps[0].input_norm is half.layers[0].input_layernorm  # bfloat16 keeps the module's rounding

