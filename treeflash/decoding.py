@@ -51,7 +51,7 @@ METHODS = ("ar", "dflash", "ddtree", "treeflash")
 # Draft nodes per round when neither the caller nor a tuning (`treeflash tune`) says: a GPU verifies a
 # 65-node tree for about the price of one token, a CPU pays for each node (measured in results/speed/).
 DEFAULT_BUDGET = 64
-DEFAULT_CPU_BUDGET = 4  # fastest for every drafter since the 3rd (results/speed/bench_drafter_v{3,5,6}_cpu_*)
+DEFAULT_CPU_BUDGET = 4  # fastest with the 3rd-6th drafters; 2-4 within 3% with the 7th (results/speed/bench_drafter_v*)
 STAGES = ("prefill", "draft", "head", "tree", "verify", "commit")
 
 
