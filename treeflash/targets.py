@@ -167,6 +167,7 @@ class Target:
     @staticmethod
     def _layer_maps(layer, pack: bool) -> LayerMaps:
         attn, mlp = layer.self_attn, layer.mlp
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3 only
         return LayerMaps(
             input_norm=norm_map(layer.input_layernorm),
             post_norm=norm_map(layer.post_attention_layernorm),
@@ -174,8 +175,8 @@ class Target:
             o=linear_map(attn.o_proj, pack),
             gate_up=fused_map([mlp.gate_proj, mlp.up_proj], pack),
             down=linear_map(mlp.down_proj, pack),
-            q_norm=norm_map(attn.q_norm) if getattr(attn, "q_norm", None) is not None else None,
-            k_norm=norm_map(attn.k_norm) if getattr(attn, "k_norm", None) is not None else None,
+            q_norm=None if q_norm is None else norm_map(q_norm),
+            k_norm=None if k_norm is None else norm_map(k_norm),
         )
 
     # ----------------------------------------------------------------------------------------------
