@@ -16,12 +16,14 @@ from _output import write_markdown  # scripts/_output.py (scripts run as `python
 STAGES = ("draft", "head", "tree", "verify", "commit")
 
 
-def load(run: Path) -> dict[tuple[str, int], dict]:
+def load(run: Path) -> dict[tuple[str, int, int], dict]:
     path = run / "summary.csv"
     if not path.exists():
         raise SystemExit(f"{path} does not exist; pass the --out folder of a finished `treeflash bench` run")
     with path.open() as f:
-        return {(r["method"], int(r["budget"])): r for r in csv.DictReader(f) if r["dataset"] == "all"}
+        # summary.csv files written before n-gram lookup have no lookup column: all their variants ran without
+        return {(r["method"], int(r["budget"]), int(r.get("lookup") or 0)): r for r in csv.DictReader(f)
+                if r["dataset"] == "all"}
 
 
 def _num(row: dict, key: str) -> float | None:
@@ -42,8 +44,8 @@ def table(before: dict, after: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in [k for k in after if k in before]:
         b, a = before[key], after[key]
-        method, budget = key
-        name = method + (f"@{budget}" if method in ("ddtree", "treeflash") else "")
+        method, budget, lookup = key
+        name = method + (f"@{budget}" if method in ("ddtree", "treeflash") else "") + (f"+lookup{lookup}" if lookup else "")
         stage_cells, rounds = [], []
         for row in (b, a):
             stages = [_num(row, f"{s}_ms_per_round") for s in STAGES]

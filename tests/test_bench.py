@@ -65,10 +65,10 @@ def test_speedup_is_a_ratio_of_times_per_token():
     assert math.isnan(tokens_per_second(5, 0.0))
 
 
-def _run(dataset, prompt, method, budget, tokens, seconds, lengths=None, stages=None, same=True):
+def _run(dataset, prompt, method, budget, tokens, seconds, lengths=None, stages=None, same=True, lookup=0):
     return Run(dataset, prompt, method, budget, prompt_tokens=4, token_ids=tokens, seconds=seconds,
                stop_reason="max_new_tokens", rounds=None if lengths is None else len(lengths),
-               acceptance_lengths=lengths, stage_seconds=stages or {}, matches_ar=same)
+               acceptance_lengths=lengths, stage_seconds=stages or {}, matches_ar=same, lookup=lookup)
 
 
 def test_summaries_pool_runs_and_take_speedups_per_dataset():
@@ -81,8 +81,10 @@ def test_summaries_pool_runs_and_take_speedups_per_dataset():
         _run("a", "p2", "ddtree", 64, [1] * 30, 1.5, [2, 2], {"draft": 0.2, "verify": 0.9}),
         _run("b", "p3", "ar", 0, [1] * 20, 4.0, [0] * 19),
         _run("b", "p3", "ddtree", 64, [1] * 20, 1.0, [4, 4, 4, 4]),
+        _run("a", "p1", "ddtree", 64, [1] * 10, 0.25, [9], lookup=8),
     ]
-    by = {(s.dataset, s.method, s.budget): s for s in summarize(runs)}
+    summaries = summarize(runs)
+    by = {(s.dataset, s.method, s.budget): s for s in summaries if not s.lookup}
     tree = by[("a", "ddtree", 64)]
     assert (tree.runs, tree.new_tokens, tree.seconds, tree.rounds) == (2, 40, 2.0, 5)
     assert tree.tau == pytest.approx(1 + 12 / 5)  # over all rounds, not a mean of per-run taus
@@ -99,14 +101,21 @@ def test_summaries_pool_runs_and_take_speedups_per_dataset():
     assert by[("all", "ddtree", 64)].speedup_vs_ar == pytest.approx(8 / 3)
     assert by[("all", "ddtree", 64)].tau == pytest.approx(1 + 28 / 9)
     assert by[("all", "ddtree", 64)].speedup_vs_hf_generate is None or by[("all", "ddtree", 64)].speedup_vs_hf_generate > 0
+    # A lookup series pools apart from the same method and budget without it, against the same ar.
+    grafted = next(s for s in summaries if s.dataset == "a" and s.lookup == 8)
+    assert (grafted.runs, grafted.tau, grafted.label, grafted.series) == (1, 10.0, "ddtree@64+lookup8", "ddtree+lookup8")
+    assert grafted.speedup_vs_ar == pytest.approx((4.0 / 40) / (0.25 / 10))
 
 
 def test_bench_config_validates_and_orders_variants():
-    config = BenchConfig(methods=("treeflash", "dflash"), budgets=(32, 8, 32), prompt_lookup_tokens=7)
+    config = BenchConfig(methods=("treeflash", "dflash"), budgets=(32, 8, 32), prompt_lookup_tokens=7, lookups=(0,))
     assert config.methods == ("ar", "treeflash", "dflash") and config.budgets == (8, 32)
-    assert config.variants() == [("ar", 0), ("hf-generate", 0), ("hf-prompt-lookup", 7), ("treeflash", 8),
-                                 ("treeflash", 32), ("dflash", None)]
-    for bad in (dict(methods=("eagle",)), dict(budgets=(0,)), dict(prompts=0), dict(temperature=-1.0)):
+    assert config.variants() == [("ar", 0, 0), ("hf-generate", 0, 0), ("hf-prompt-lookup", 7, 0), ("treeflash", 8, 0),
+                                 ("treeflash", 32, 0), ("dflash", None, 0)]
+    config = BenchConfig(methods=("ddtree", "dflash"), budgets=(4,), lookups=(6, 0, 6), hf_baselines=False)
+    assert config.variants() == [("ar", 0, 0), ("ddtree", 4, 0), ("ddtree", 4, 6), ("dflash", None, 0)]
+    for bad in (dict(methods=("eagle",)), dict(budgets=(0,)), dict(prompts=0), dict(temperature=-1.0),
+                dict(lookups=()), dict(lookups=(-1,))):
         with pytest.raises(TreeFlashError):
             BenchConfig(**bad)
 
@@ -219,15 +228,15 @@ def test_bench_end_to_end_on_a_tiny_model(model_dir, prompts_file, tmp_path, cap
     out = tmp_path / "bench"
     threads = torch.get_num_threads()
     assert main(["bench", "--target", str(model_dir), "--drafter", "untrained", "--datasets", str(prompts_file),
-                 "--budgets", "4,8", "--max-new-tokens", "8", "--warmup", "1", "--analyses", "--anchors", "3",
+                 "--budgets", "4,8", "--lookups", "0,3", "--max-new-tokens", "8", "--warmup", "1", "--analyses", "--anchors", "3",
                  "--draw-budget", "6", "--threads", "1", "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().err
     assert torch.get_num_threads() == threads  # --threads does not outlive the command
 
     data = json.loads((out / "runs.json").read_text())
-    variants = {(r["method"], r["budget"]) for r in data["runs"]}
-    assert variants == {("ar", 0), ("hf-generate", 0), ("hf-prompt-lookup", 10), ("dflash", 15), ("ddtree", 4),
-                        ("ddtree", 8), ("treeflash", 4), ("treeflash", 8)}
+    variants = {(r["method"], r["budget"], r["lookup"]) for r in data["runs"]}
+    assert variants == {("ar", 0, 0), ("hf-generate", 0, 0), ("hf-prompt-lookup", 10, 0), ("dflash", 15, 0)} | {
+        (m, b, lookup) for m in ("ddtree", "treeflash") for b in (4, 8) for lookup in (0, 3)}
     assert len(data["runs"]) == 2 * len(variants)
     for run in data["runs"]:
         assert {"dataset", "prompt_id", "method", "budget", "new_tokens", "rounds", "tau", "acceptance_lengths",
@@ -241,21 +250,21 @@ def test_bench_end_to_end_on_a_tiny_model(model_dir, prompts_file, tmp_path, cap
             assert {"prefill", "tree", "verify", "commit"} <= set(run["stage_seconds"])
     meta = data["meta"]
     assert meta["machine"]["torch_threads"] >= 1 and meta["machine"]["torch"] and meta["machine"]["transformers"]
-    assert meta["command"].startswith("treeflash bench --target") and "--budgets 4,8" in meta["command"]
+    assert meta["command"].startswith("treeflash bench --target") and "--budgets 4,8 --lookups 0,3" in meta["command"]
 
     with (out / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(variants)  # one dataset: no "all" rows
     ar = next(r for r in rows if r["method"] == "ar")
     assert float(ar["tau"]) == 1.0 and float(ar["speedup_vs_ar"]) == 1.0 and float(ar["agreement_with_ar"]) == 1.0
-    tree = next(r for r in rows if r["method"] == "treeflash" and r["budget"] == "8")
+    tree = next(r for r in rows if r["method"] == "treeflash" and r["budget"] == "8" and r["lookup"] == "0")
     assert float(tree["speedup_vs_ar"]) > 0 and float(tree["speedup_vs_hf_generate"]) > 0
     assert float(tree["verify_ms_per_round"]) > 0 and float(tree["tokens_per_second"]) > 0
 
     report = (out / "report.md").read_text()
     for needle in ("## Headline", "## Where the time goes", "tokens/s", "speedup vs ar", "produced exactly our `ar` "
                    "tokens on 2 of 2 prompts (100%)", "## Machine", "torch_threads", "## Command", "treeflash bench",
-                   "(lossless)", "TV marginal"):
+                   "(lossless)", "TV marginal", "treeflash+lookup3"):
         assert needle in report, needle
     analysis = json.loads((out / "analysis.json").read_text())
     assert analysis["anchors"] == 6 and analysis["depth"]["depth"][0] == 1

@@ -62,6 +62,16 @@ def test_streams_text_and_prints_stats(model_dir, capsys):
     assert "[ddtree] 12 tokens" in captured.err and "tau" in captured.err and "verify" in captured.err
 
 
+def test_lookup_flags_reach_the_decoder(model_dir, capsys):
+    ar = _run_json(capsys, "w5 w6", "--target", str(model_dir), "--method", "ar", "--max-new-tokens", "16",
+                   "--ignore-eos", "--lookup", "0")
+    grafted = _run_json(capsys, "w5 w6", "--target", str(model_dir), "--drafter", "untrained", "--method", "ddtree",
+                        "--max-new-tokens", "16", "--ignore-eos", "--lookup", "5", "--lookup-ngram", "1")
+    assert grafted["lookup"] == 5 and ar["lookup"] == 0 and grafted["token_ids"] == ar["token_ids"]
+    assert main(["generate", "w5", "--target", str(model_dir), "--lookup-ngram", "9"]) == 2
+    assert "lookup_ngram must be a whole number from 1 to 4" in capsys.readouterr().err
+
+
 def test_tree_size_is_the_budget_plus_the_root(model_dir, capsys):
     out = _run_json(capsys, "w5", "--target", str(model_dir), "--drafter", "untrained", "--method", "ddtree",
                     "--tree-size", "10", "--max-new-tokens", "5")

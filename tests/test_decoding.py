@@ -47,6 +47,35 @@ def test_greedy_speculative_equals_ar(pair, method, budget):
     assert all(0 <= a <= min(budget, drafter.block_size - 1) for a in result.acceptance_lengths)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("lookup, ngram", [(3, 1), (8, 2)])
+def test_greedy_with_ngram_lookup_equals_ar(pair, method, lookup, ngram):
+    """Grafted n-gram chains change what a round verifies, never the output; on ar alone every accepted
+    token is a lookup's (these tiny random models repeat themselves, so lookups do land)."""
+    target, drafter = pair
+    decoder = Decoder(target, drafter)
+    reference = decoder.generate(PROMPT, DecodeConfig(method="ar", max_new_tokens=48)).token_ids
+    config = DecodeConfig(method=method, budget=5, max_new_tokens=48, lookup=lookup, lookup_ngram=ngram)
+    result = decoder.generate(PROMPT, config)
+    assert result.token_ids == reference and result.lookup == lookup
+    drafted = 0 if method == "ar" else min(5, drafter.block_size - 1)
+    assert all(0 <= a <= max(drafted, lookup) for a in result.acceptance_lengths)
+    if method == "ar":
+        assert sum(result.acceptance_lengths) > 0
+
+
+def test_ngram_lookup_defaults_and_off():
+    from treeflash.decoding import DEFAULT_LOOKUP, resolve_lookup
+
+    for method in METHODS:
+        assert resolve_lookup(method, None) == DEFAULT_LOOKUP.get(method, 0)
+        assert resolve_lookup(method, 0) == 0 and resolve_lookup(method, 5) == 5
+    assert resolve_lookup("ar", None) == 0 and resolve_lookup("dflash", None) == 0, "the baselines stay plain"
+    target = tiny_target("llama")
+    result = Decoder(target).generate(PROMPT, DecodeConfig(method="ar", max_new_tokens=30, lookup=0))
+    assert result.tau == 1.0 and result.lookup == 0
+
+
 @pytest.mark.parametrize("method", METHODS[1:])
 def test_greedy_with_a_reduced_draft_vocabulary_equals_ar(method):
     """Drafting from a subset of the vocabulary changes proposals only, never the output."""
@@ -116,6 +145,8 @@ def test_sampled_speculative_equals_sampled_ar_for_the_same_seed(pair, method):
         reference = decoder.generate(PROMPT, DecodeConfig(method="ar", **config)).token_ids
         result = decoder.generate(PROMPT, DecodeConfig(method=method, budget=12, **config))
         assert result.token_ids == reference and result.seed == seed
+        grafted = decoder.generate(PROMPT, DecodeConfig(method=method, budget=3, lookup=6, lookup_ngram=1, **config))
+        assert grafted.token_ids == reference
 
 
 def _joint_probabilities(target, prompt, temperature):
@@ -192,8 +223,9 @@ def test_callback_can_stop_generation_and_tiny_temperatures_are_greedy():
 def test_stops_at_the_context_limit():
     target = tiny_target("qwen3", max_length=40)
     drafter = tiny_drafter(target)
-    for method in METHODS:
-        result = Decoder(target, drafter).generate(PROMPT, DecodeConfig(method=method, max_new_tokens=100))
+    for method, lookup in [(m, 0) for m in METHODS] + [(m, 12) for m in METHODS]:
+        result = Decoder(target, drafter).generate(PROMPT, DecodeConfig(method=method, max_new_tokens=100,
+                                                                        lookup=lookup, lookup_ngram=1))
         assert result.stop_reason == "context"
         assert len(PROMPT) + result.new_tokens == 40
         assert result.token_ids == greedy_reference(target, PROMPT, 33)
@@ -208,6 +240,10 @@ def test_stops_at_the_context_limit():
         (dict(top_p=0.0), "top_p"),
         (dict(method="beam"), "unknown method"),
         (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(lookup=-1), "lookup must be"),
+        (dict(lookup=2.5), "lookup must be"),
+        (dict(lookup_ngram=0), "lookup_ngram"),
+        (dict(lookup_ngram=5), "lookup_ngram"),
     ],
 )
 def test_bad_settings_are_clear_errors(kwargs, message):

@@ -126,6 +126,15 @@ def test_chat_greedy_equals_the_python_api_streamed_or_not(client, reference, me
     assert last.usage.completion_tokens == want.new_tokens and last.model_extra["treeflash"]["method"] == method
 
 
+def test_a_request_may_set_its_ngram_lookup(client, reference):
+    want = expected(reference, "w3 w9 w27", method="ddtree", max_new_tokens=24, lookup=6)
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "w3 w9 w27"}],
+                                           max_tokens=24, temperature=0, extra_body={"method": "ddtree", "lookup": 6})
+    assert reply.choices[0].message.content == want.text
+    stats = reply.model_extra["treeflash"]
+    assert stats["lookup"] == 6 and stats["rounds"] == want.rounds
+
+
 def test_text_batch_api_equals_one_prompt_at_a_time(reference):
     prompts = ["w1 w2", "w3", "w4 w5 w6"]
     batched = reference.generate_text_batch(prompts, method="treeflash", max_new_tokens=12, stop_at_eos=False,
@@ -296,6 +305,9 @@ def _chat(**fields):
         ("/v1/chat/completions", _chat(method="beam"), 400, "method must be one of"),
         ("/v1/chat/completions", _chat(budget=0), 400, "budget must be between 1 and"),
         ("/v1/chat/completions", _chat(budget=10**6), 400, "budget must be between 1 and"),
+        ("/v1/chat/completions", _chat(lookup=-1), 400, "lookup must be between 0 and"),
+        ("/v1/chat/completions", _chat(lookup=10**6), 400, "lookup must be between 0 and"),
+        ("/v1/chat/completions", _chat(lookup="many"), 400, "lookup must be a whole number"),
         ("/v1/chat/completions", _chat(logprobs=True), 400, "logprobs is not supported"),
         ("/v1/chat/completions", _chat(tools=[{"type": "function"}]), 400, "tools is not supported"),
         ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": "w1 " * 600}]), 400, "context holds 512"),

@@ -17,6 +17,7 @@ from treeflash.trees import (
     chain_tree,
     check_budget,
     conditional_tree,
+    graft_chain,
     marginal_tree,
     top_k_logprobs,
     tree_attention_mask,
@@ -217,6 +218,40 @@ def test_tree_positions():
     tree = marginal_tree(ROOT, torch.tensor([[1, 2], [3, 4]]), torch.tensor([[-0.1, -0.2], [-0.3, -0.4]]), 6)
     assert torch.equal(tree_positions(tree, 40), 40 + tree.depths)
     assert tree_positions(tree, 40)[0] == 40 and tree_positions(tree, 40).dtype == torch.int64
+
+
+# -- grafts (n-gram lookup) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_graft_chain_adds_exactly_the_chain_prefixes_the_tree_lacks(seed):
+    generator = torch.Generator().manual_seed(seed)
+    tokens, logprobs = random_rows(generator, 4, 5, 3)
+    tree = marginal_tree(ROOT, tokens, logprobs, 9)
+    best = max(paths_of(tree), key=len)  # the chain runs along a deepest path, then leaves the tree
+    for chain in [list(best), list(best[:2]) + [42, 43, 44], [42, 43], [], list(best) + [41]]:
+        grafted = graft_chain(tree, chain)
+        before, after = paths_of(tree), paths_of(grafted)
+        prefixes = {tuple(chain[:i]) for i in range(1, len(chain) + 1)}
+        assert set(after) == set(before) | prefixes
+        assert all(after[p] == score for p, score in before.items()), "the tree's own nodes are untouched"
+        assert all(after[p] == -math.inf for p in prefixes - set(before)), "grafted nodes score -inf"
+        assert torch.equal(grafted.tokens[: tree.size + 1], tree.tokens), "grafted nodes come after the tree's"
+        if prefixes <= set(before):
+            assert grafted is tree
+        for i in range(1, grafted.size + 1):
+            p = int(grafted.parents[i])
+            assert 0 <= p < i and grafted.depths[i] == grafted.depths[p] + 1
+        siblings = [(int(p), int(t)) for p, t in zip(grafted.parents[1:], grafted.tokens[1:])]
+        assert len(set(siblings)) == len(siblings), "siblings never share a token"
+
+
+def test_a_chain_grafted_onto_the_root_alone_is_a_chain():
+    root_only = DraftTree(torch.tensor([ROOT]), torch.tensor([-1]), torch.tensor([0]), torch.zeros(1))
+    tree = graft_chain(root_only, [4, 4, 6])
+    assert tree.tokens.tolist() == [ROOT, 4, 4, 6] and tree.parents.tolist() == [-1, 0, 1, 2]
+    assert tree.depths.tolist() == [0, 1, 2, 3]
+    assert torch.equal(tree_attention_mask(tree), torch.ones(4, 4, dtype=torch.bool).tril())
 
 
 # -- budgets and top-k ---------------------------------------------------------------------------------------

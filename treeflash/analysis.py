@@ -32,7 +32,15 @@ from .verification import Acceptance, follow
 KS = (1, 4, 16)  # top-k sizes whose share of the target's mass is reported
 COLOURS = {"ar": "#7f7f7f", "hf-generate": "#8c564b", "hf-prompt-lookup": "#e377c2", "dflash": "#1f77b4",
            "ddtree": "#ff7f0e", "treeflash": "#2ca02c"}
+LOOKUP_COLOURS = {"ddtree": "#ffbb78", "treeflash": "#98df8a"}  # the same series with n-gram lookup: lighter
 HIGHLIGHT = "#ffb000"
+
+
+def _colour(summary) -> str:
+    """A bench summary's colour: its method's, lighter with n-gram lookup."""
+    if summary.lookup:
+        return LOOKUP_COLOURS.get(summary.method, "#bbbbbb")
+    return COLOURS.get(summary.method, "black")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,20 +322,22 @@ def plot_results(summaries, out: str | Path) -> dict[str, str]:
     out = Path(out)
     best = best_budgets(summaries)
     datasets = list(dict.fromkeys(s.dataset for s in summaries))
-    methods = list(dict.fromkeys(s.method for s in summaries))
+    first = {}  # series name -> one of its summaries
+    for s in summaries:
+        first.setdefault(s.series, s)
+    methods = list(first)
     plots = {}
 
     def series(metric: str, which: list[str]):
         rows = []
         for m in which:
+            tree = first[m].method in ("ddtree", "treeflash")
             values = [getattr(best[(d, m)], metric) if (d, m) in best else None for d in datasets]
-            notes = [f"B{best[(d, m)].budget}" if m in ("ddtree", "treeflash") and (d, m) in best else ""
-                     for d in datasets]
-            rows.append((m + (" (best budget)" if m in ("ddtree", "treeflash") else ""), COLOURS.get(m, "black"),
-                         values, notes))
+            notes = [f"B{best[(d, m)].budget}" if tree and (d, m) in best else "" for d in datasets]
+            rows.append((m + (" (best budget)" if tree else ""), _colour(first[m]), values, notes))
         return rows
 
-    drafted = [m for m in methods if m not in BASELINES]
+    drafted = [m for m in methods if first[m].method not in BASELINES]
     fig, (ax,) = _new_figure(max(4.5, 1.6 + 1.1 * len(datasets) * max(len(drafted), 1) / 2), 4.0)
     _bars(ax, datasets, series("tau", drafted), "tau (tokens per round, bonus included)", reference=1.0)
     ax.set_title("tau by dataset", fontsize=10)
@@ -351,11 +361,11 @@ def plot_results(summaries, out: str | Path) -> dict[str, str]:
     pooled = [s for s in summaries if s.dataset == scope]
     fig, axes = _new_figure(9.0, 4.0, panels=2)
     for ax, metric, ylabel in zip(axes, ("tau", "speedup_vs_ar"), ("tau", "speedup over our ar")):
-        for m in ("ddtree", "treeflash"):
-            rows = sorted((s for s in pooled if s.method == m), key=lambda s: s.budget)
+        for m in (m for m in methods if first[m].method in ("ddtree", "treeflash")):
+            rows = sorted((s for s in pooled if s.series == m), key=lambda s: s.budget)
             if rows:
                 ax.plot([s.budget for s in rows], [getattr(s, metric) for s in rows], marker="o", label=m,
-                        color=COLOURS[m])
+                        color=_colour(rows[0]))
         for s in pooled:
             if s.method in ("dflash", "ar", "hf-prompt-lookup") and getattr(s, metric) is not None:
                 ax.axhline(getattr(s, metric), color=COLOURS[s.method], linestyle="--", linewidth=1,
@@ -372,8 +382,8 @@ def plot_results(summaries, out: str | Path) -> dict[str, str]:
     fig.savefig(out / "budget_sweep.png", dpi=120)
     plots["tau and speedup vs budget"] = "budget_sweep.png"
 
-    shown = [best[(scope, m)] for m in ("dflash", "ddtree", "treeflash") if (scope, m) in best
-             and best[(scope, m)].acceptance_histogram]
+    shown = [best[(scope, m)] for m in methods if first[m].method in ("dflash", "ddtree", "treeflash")
+             and (scope, m) in best and best[(scope, m)].acceptance_histogram]
     if shown:
         longest = max(len(s.acceptance_histogram) for s in shown)
         fig, (ax,) = _new_figure(max(6.5, 0.45 * longest * len(shown) / 2 + 2), 3.8)
@@ -381,7 +391,7 @@ def plot_results(summaries, out: str | Path) -> dict[str, str]:
         for i, s in enumerate(shown):
             hist = s.acceptance_histogram + [0] * (longest - len(s.acceptance_histogram))
             xs = [L + (i - (len(shown) - 1) / 2) * width for L in range(longest)]
-            ax.bar(xs, [c / s.rounds for c in hist], width * 0.92, color=COLOURS[s.method],
+            ax.bar(xs, [c / s.rounds for c in hist], width * 0.92, color=_colour(s),
                    label=f"{s.label} (tau {s.tau:.2f}, {s.rounds} rounds)")
         ax.set_xticks(range(longest))
         ax.set_xlabel("acceptance length (drafted tokens accepted per round, bonus not counted)", fontsize=9)

@@ -5,10 +5,13 @@ explained for users in docs/benchmarking.md.
 
   run                one generation: one prompt, one variant (a method at a budget, or a transformers
                      baseline). Its wall time includes the prefill, as `DecodeResult.seconds` does.
-  variant            (method, budget). Methods: ar, dflash, ddtree, treeflash, and the baselines
+  variant            (method, budget, lookup). Methods: ar, dflash, ddtree, treeflash, and the baselines
                      hf-generate (`model.generate`, greedy or sampling) and hf-prompt-lookup (its
                      prompt-lookup decoding). Budget: draft nodes per round, the root not counted; 0 for ar
                      and hf-generate, b-1 for dflash's chain, the candidate tokens for hf-prompt-lookup.
+                     Lookup: n-gram lookup tokens grafted per round (`DecodeConfig.lookup`; trees only).
+  series             a method with one lookup setting, e.g. "treeflash" or "treeflash+lookup8": what a
+                     budget sweep varies the budget of.
   tau                `tau`: mean tokens committed per round, the bonus token included.
   acceptance length  drafted tokens accepted in one round, the bonus not counted (`acceptance_histogram`).
   tokens/s           `tokens_per_second`: new tokens / wall seconds.
@@ -45,7 +48,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .decoding import METHODS, STAGES, DecodeConfig, Decoder, tau
+from .decoding import DEFAULT_LOOKUP, METHODS, STAGES, DecodeConfig, Decoder, tau
 from .errors import TreeFlashError
 from .packing import cpu_model
 from .trees import check_budget
@@ -183,6 +186,7 @@ class Run:
     matches_ar: bool | None = None  # same tokens as our ar on this prompt (None: not comparable)
     peak_memory_bytes: int | None = None  # see PeakMemory
     peak_memory_delta_bytes: int | None = None
+    lookup: int = 0  # n-gram lookup tokens grafted per round at most (0 = off)
 
     @property
     def new_tokens(self) -> int:
@@ -209,7 +213,7 @@ class Run:
 
 @dataclasses.dataclass
 class Summary:
-    """The runs of one (dataset, method, budget), pooled."""
+    """The runs of one (dataset, method, budget, lookup), pooled."""
 
     dataset: str  # a dataset, or "all" for every dataset pooled
     method: str
@@ -228,10 +232,15 @@ class Summary:
     acceptance_histogram: list[int] | None  # rounds per acceptance length
     peak_memory_bytes: int | None  # the largest peak of its runs
     peak_memory_delta_bytes: int | None  # the largest increase over the memory in use before a run
+    lookup: int = 0  # n-gram lookup tokens grafted per round at most (0 = off)
 
     @property
     def label(self) -> str:
-        return variant_label(self.method, self.budget)
+        return variant_label(self.method, self.budget, self.lookup)
+
+    @property
+    def series(self) -> str:
+        return series_name(self.method, self.lookup)
 
     def stage_ms_per_round(self, stage: str) -> float:
         """Milliseconds per round spent in `stage` (prefill: per generation)."""
@@ -242,21 +251,25 @@ class Summary:
         return dataclasses.asdict(self)
 
 
-def variant_label(method: str, budget: int) -> str:
-    return f"{method}@{budget}" if method in ("ddtree", "treeflash") else method
+def series_name(method: str, lookup: int = 0) -> str:
+    return f"{method}+lookup{lookup}" if lookup else method
+
+
+def variant_label(method: str, budget: int, lookup: int = 0) -> str:
+    return series_name(f"{method}@{budget}" if method in ("ddtree", "treeflash") else method, lookup)
 
 
 def summarize(runs: Sequence[Run]) -> list[Summary]:
-    """Pool runs per (dataset, method, budget), then per (method, budget) over all datasets ("all"), and
+    """Pool runs per (dataset, method, budget, lookup), then per variant over all datasets ("all"), and
     take speedups against ar and hf-generate of the same dataset (pooled the same way)."""
-    groups: dict[tuple[str, str, int], list[Run]] = {}
+    groups: dict[tuple[str, str, int, int], list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.dataset, run.method, run.budget), []).append(run)
-        groups.setdefault(("all", run.method, run.budget), []).append(run)
+        groups.setdefault((run.dataset, run.method, run.budget, run.lookup), []).append(run)
+        groups.setdefault(("all", run.method, run.budget, run.lookup), []).append(run)
     if len({r.dataset for r in runs}) == 1:  # "all" would repeat the one dataset
         groups = {k: v for k, v in groups.items() if k[0] != "all"}
     summaries = [_pool(key, group) for key, group in groups.items()]
-    reference = {(s.dataset, s.method): s for s in summaries if s.method in ("ar", HF_GENERATE)}
+    reference = {(s.dataset, s.method): s for s in summaries if s.method in ("ar", HF_GENERATE) and not s.lookup}
     for s in summaries:
         for method, field in (("ar", "speedup_vs_ar"), (HF_GENERATE, "speedup_vs_hf_generate")):
             base = reference.get((s.dataset, method))
@@ -264,12 +277,12 @@ def summarize(runs: Sequence[Run]) -> list[Summary]:
                 setattr(s, field, speedup(base.seconds_per_token, s.seconds_per_token))
     order = {m: i for i, m in enumerate(("ar", *BASELINES, *METHODS[1:]))}
     datasets = list(dict.fromkeys(r.dataset for r in runs)) + ["all"]
-    summaries.sort(key=lambda s: (datasets.index(s.dataset), order.get(s.method, 99), s.budget))
+    summaries.sort(key=lambda s: (datasets.index(s.dataset), order.get(s.method, 99), s.lookup, s.budget))
     return summaries
 
 
-def _pool(key: tuple[str, str, int], runs: list[Run]) -> Summary:
-    dataset, method, budget = key
+def _pool(key: tuple[str, str, int, int], runs: list[Run]) -> Summary:
+    dataset, method, budget, lookup = key
     new_tokens = sum(r.new_tokens for r in runs)
     seconds = sum(r.seconds for r in runs)
     drafted = all(r.acceptance_lengths is not None for r in runs)
@@ -293,15 +306,16 @@ def _pool(key: tuple[str, str, int], runs: list[Run]) -> Summary:
         acceptance_histogram=acceptance_histogram(lengths) if drafted else None,
         peak_memory_bytes=max(peaks) if peaks else None,
         peak_memory_delta_bytes=max(deltas) if deltas else None,
+        lookup=lookup,
     )
 
 
 def best_budgets(summaries: Sequence[Summary]) -> dict[tuple[str, str], Summary]:
-    """Per (dataset, method), the budget with the highest speedup over ar (the tau of that same budget is
+    """Per (dataset, series), the budget with the highest speedup over ar (the tau of that same budget is
     what bar charts show, so both bars describe one configuration)."""
     best: dict[tuple[str, str], Summary] = {}
     for s in summaries:
-        key = (s.dataset, s.method)
+        key = (s.dataset, s.series)
         score = s.speedup_vs_ar if s.speedup_vs_ar is not None and not math.isnan(s.speedup_vs_ar) else -1.0
         old = best.get(key)
         if old is None or score > (old.speedup_vs_ar if old.speedup_vs_ar is not None else -1.0):
@@ -319,6 +333,9 @@ class BenchConfig:
 
     methods: tuple[str, ...] = METHODS  # ar always runs: it is every speedup's and every agreement's reference
     budgets: tuple[int, ...] = (16, 32, 64, 128)  # node budgets for ddtree and treeflash (dflash: its chain)
+    # n-gram lookup lengths for ddtree and treeflash, each a series of its own (0 = off; default: off and the
+    # default of DecodeConfig, so that both the paper's trees and `treeflash generate` are measured)
+    lookups: tuple[int, ...] = tuple(sorted({0, DEFAULT_LOOKUP.get("treeflash", 0)}))
     datasets: tuple[str, ...] = DEFAULT_DATASETS  # names for treeflash.data.load_prompts, or JSONL paths
     prompts: int = 10  # prompts per dataset (the first ones)
     max_new_tokens: int = 256  # per generation; EOS also stops every variant
@@ -341,6 +358,9 @@ class BenchConfig:
         self.budgets = tuple(sorted({check_budget(b) for b in self.budgets}))
         if not self.budgets:
             raise TreeFlashError("give at least one budget, e.g. --budgets 16,32,64")
+        if not self.lookups or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.lookups):
+            raise TreeFlashError(f"lookups must be whole numbers >= 0 (0 = off), e.g. --lookups 0,8; got {self.lookups!r}")
+        self.lookups = tuple(sorted(set(self.lookups)))
         if not self.datasets:
             raise TreeFlashError("give at least one dataset, e.g. --datasets mtbench")
         for name, value, least in (("prompts", self.prompts, 1), ("max_new_tokens", self.max_new_tokens, 1),
@@ -351,13 +371,15 @@ class BenchConfig:
         check_budget(self.draw_budget)
         DecodeConfig(temperature=self.temperature, seed=self.seed)  # validates both
 
-    def variants(self) -> list[tuple[str, int | None]]:
-        """(method, budget) in the order each prompt runs them; budget None = the method's own (dflash)."""
-        out: list[tuple[str, int | None]] = [("ar", 0)]
+    def variants(self) -> list[tuple[str, int | None, int]]:
+        """(method, budget, lookup) in the order each prompt runs them; budget None = the method's own
+        (dflash). ar, dflash and the baselines run without lookup: they are the references."""
+        out: list[tuple[str, int | None, int]] = [("ar", 0, 0)]
         if self.hf_baselines:
-            out += [(HF_GENERATE, 0), (HF_PROMPT_LOOKUP, self.prompt_lookup_tokens)]
+            out += [(HF_GENERATE, 0, 0), (HF_PROMPT_LOOKUP, self.prompt_lookup_tokens, 0)]
         for method in self.methods[1:]:
-            out += [(method, None)] if method == "dflash" else [(method, b) for b in self.budgets]
+            out += [(method, None, 0)] if method == "dflash" else [
+                (method, b, lookup) for lookup in self.lookups for b in self.budgets]
         return out
 
 
@@ -397,19 +419,19 @@ def hf_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_token_ids
     return new, seconds, "max_new_tokens"
 
 
-def _generate(decoder: Decoder, method: str, budget: int | None, prompt_ids: list[int], config: BenchConfig,
-              max_new_tokens: int, dataset: str, prompt_id: str) -> Run:
+def _generate(decoder: Decoder, method: str, budget: int | None, lookup: int, prompt_ids: list[int],
+              config: BenchConfig, max_new_tokens: int, dataset: str, prompt_id: str) -> Run:
     if method in BASELINES:
         tokens, seconds, stop = hf_generate(
             decoder.target.model, prompt_ids, max_new_tokens, decoder.target.eos_token_ids, config.temperature,
             config.seed, prompt_lookup_tokens=budget if method == HF_PROMPT_LOOKUP else None)
         return Run(dataset, prompt_id, method, budget, len(prompt_ids), tokens, seconds, stop)
     result = decoder.generate(prompt_ids, DecodeConfig(method=method, budget=budget or None,
-                                                       max_new_tokens=max_new_tokens,
+                                                       max_new_tokens=max_new_tokens, lookup=lookup,
                                                        temperature=config.temperature, seed=config.seed))
     return Run(dataset, prompt_id, method, result.budget, len(prompt_ids), list(result.token_ids), result.seconds,
                result.stop_reason, rounds=result.rounds, acceptance_lengths=list(result.acceptance_lengths),
-               stage_seconds=dict(result.stage_seconds))
+               stage_seconds=dict(result.stage_seconds), lookup=lookup)
 
 
 def run_bench(decoder: Decoder, prompts: dict[str, list[tuple[str, list[int]]]], config: BenchConfig,
@@ -422,15 +444,16 @@ def run_bench(decoder: Decoder, prompts: dict[str, list[tuple[str, list[int]]]],
     from tqdm.auto import tqdm
 
     variants = config.variants()
-    if any(m != "ar" and m not in BASELINES for m, _ in variants) and decoder.drafter is None:
+    if any(m != "ar" and m not in BASELINES for m, _, _ in variants) and decoder.drafter is None:
         raise TreeFlashError("methods other than ar need a drafter; pass --drafter PATH or 'untrained'")
     memory = PeakMemory(decoder.target.device)
     first = next((ids for items in prompts.values() for _, ids in items), None)
     if first is not None and config.warmup:
         bar = tqdm(total=config.warmup * len(variants), desc="warm-up", unit="run", disable=not progress)
         for _ in range(config.warmup):
-            for method, budget in variants:
-                _generate(decoder, method, budget, first, config, min(config.max_new_tokens, WARMUP_TOKENS), "", "")
+            for method, budget, lookup in variants:
+                _generate(decoder, method, budget, lookup, first, config, min(config.max_new_tokens, WARMUP_TOKENS),
+                          "", "")
                 bar.update(1)
         bar.close()
 
@@ -440,10 +463,11 @@ def run_bench(decoder: Decoder, prompts: dict[str, list[tuple[str, list[int]]]],
     for dataset, items in prompts.items():
         for prompt_id, ids in items:
             reference = None
-            for method, budget in variants:
-                bar.set_postfix_str(f"{dataset} {variant_label(method, budget or 0)}", refresh=False)
+            for method, budget, lookup in variants:
+                bar.set_postfix_str(f"{dataset} {variant_label(method, budget or 0, lookup)}", refresh=False)
                 memory.start()
-                run = _generate(decoder, method, budget, ids, config, config.max_new_tokens, dataset, prompt_id)
+                run = _generate(decoder, method, budget, lookup, ids, config, config.max_new_tokens, dataset,
+                                prompt_id)
                 run.peak_memory_bytes, run.peak_memory_delta_bytes = memory.stop()
                 if method == "ar":
                     reference = run.token_ids
@@ -517,7 +541,7 @@ def write_runs(path: Path, meta: dict, runs: Sequence[Run], summaries: Sequence[
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-SUMMARY_COLUMNS = ("dataset", "method", "budget", "runs", "new_tokens", "seconds", "rounds", "tau",
+SUMMARY_COLUMNS = ("dataset", "method", "budget", "lookup", "runs", "new_tokens", "seconds", "rounds", "tau",
                    "tokens_per_second", "seconds_per_token", "speedup_vs_ar", "speedup_vs_hf_generate",
                    "agreement_with_ar", "peak_memory_bytes", "peak_memory_delta_bytes")
 
@@ -575,10 +599,10 @@ def write_report(path: Path, meta: dict, runs: Sequence[Run], summaries: Sequenc
                   "| same output as ar |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for s in (s for s in summaries if s.dataset == dataset):
-            mark = " **(best)**" if s.method in ("ddtree", "treeflash") and best[(dataset, s.method)] is s \
+            mark = " **(best)**" if s.method in ("ddtree", "treeflash") and best[(dataset, s.series)] is s \
                 and len(config["budgets"]) > 1 else ""
             agreement = "–" if s.agreement_with_ar is None else f"{100 * s.agreement_with_ar:.0f}%"
-            lines.append(f"| {s.method}{mark} | {s.budget} | {s.runs} | {s.new_tokens} | {_fmt(s.tau)} | "
+            lines.append(f"| {s.series}{mark} | {s.budget} | {s.runs} | {s.new_tokens} | {_fmt(s.tau)} | "
                          f"{_fmt(s.tokens_per_second, '.1f')} | {_fmt(s.speedup_vs_ar)} | "
                          f"{_fmt(s.speedup_vs_hf_generate)} | {agreement} |")
         lines.append("")
@@ -662,7 +686,7 @@ def _check_lines(runs: Sequence[Run], config: dict) -> list[str]:
         for r in misses:
             ref = ar[(r.dataset, r.prompt_id)]
             at = next((i for i, (a, b) in enumerate(zip(r.token_ids, ref)) if a != b), min(len(ref), r.new_tokens))
-            lines.append(f"  - {r.dataset} {r.prompt_id} {variant_label(r.method, r.budget)}: first difference at new "
+            lines.append(f"  - {r.dataset} {r.prompt_id} {variant_label(r.method, r.budget, r.lookup)}: first difference at new "
                          f"token {at}")
     return lines
 
@@ -720,6 +744,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", type=_csv_list(int), default=d.budgets,
                    help="comma-separated node budgets for ddtree and treeflash, the root not counted "
                         f"(default: {','.join(map(str, d.budgets))})")
+    p.add_argument("--lookups", type=_csv_list(int), default=d.lookups,
+                   help="comma-separated n-gram lookup lengths for ddtree and treeflash, each a series of its own; "
+                        f"0 = off (default: {','.join(map(str, d.lookups))})")
     p.add_argument("--datasets", type=_csv_list(str), default=d.datasets,
                    help=f"comma-separated: mtbench (first turns), humaneval, sharegpt-heldout, or JSONL paths "
                         f"(default: {','.join(d.datasets)})")
@@ -759,6 +786,7 @@ def equivalent_command(args: argparse.Namespace, config: BenchConfig, out: Path)
         if getattr(args, flag, None) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     argv += ["--methods", ",".join(config.methods), "--budgets", ",".join(map(str, config.budgets)),
+             "--lookups", ",".join(map(str, config.lookups)),
              "--datasets", ",".join(config.datasets), "--prompts", str(config.prompts),
              "--max-new-tokens", str(config.max_new_tokens), "--temperature", str(config.temperature),
              "--seed", str(config.seed), "--warmup", str(config.warmup)]

@@ -46,6 +46,11 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
                    help=f"TreeFlash: children kept per conditional row (default: {d.draft_top_k})")
     p.add_argument("--candidate-tokens", type=int, default=None,
                    help="TreeFlash: candidate parents per position, m (default: the tuned one, else the drafter's, 16)")
+    p.add_argument("--lookup", type=int, default=None,
+                   help="n-gram lookup: graft up to this many tokens copied from the context onto each round's "
+                        "tree, beyond the budget; 0 = off (default: the method's, see DEFAULT_LOOKUP)")
+    p.add_argument("--lookup-ngram", type=int, default=d.lookup_ngram,
+                   help=f"the shortest context suffix a lookup matches, 1-4 (default: {d.lookup_ngram})")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
 
 
@@ -56,7 +61,8 @@ def decode_config_from_args(args: argparse.Namespace) -> DecodeConfig:
     return DecodeConfig(
         method=args.method, budget=budget, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, seed=args.seed, draft_top_k=args.draft_top_k,
-        candidate_tokens=args.candidate_tokens, stop_at_eos=not args.ignore_eos,
+        candidate_tokens=args.candidate_tokens, stop_at_eos=not args.ignore_eos, lookup=args.lookup,
+        lookup_ngram=args.lookup_ngram,
     )
 
 
@@ -89,7 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     stages = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in result.stage_seconds.items() if k in STAGES)
     print(
-        f"[{result.method}] {result.new_tokens} tokens in {result.rounds} rounds, tau {result.tau:.2f}, "
+        f"[{result.method}" + (f" + lookup {result.lookup}" if result.lookup else "") + f"] {result.new_tokens} "
+        f"tokens in {result.rounds} rounds, tau {result.tau:.2f}, "
         f"{result.seconds:.2f} s, {result.tokens_per_second:.1f} tokens/s, stop: {result.stop_reason}"
         + (f", seed {result.seed}" if result.seed is not None else "")
         + f"\n  stages: {stages}",

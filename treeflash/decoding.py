@@ -6,6 +6,10 @@ Methods:
   ddtree     the best-first tree of the `budget` most probable prefixes under the product of marginals.
   treeflash  the best-first tree over the AR-approximation head's conditionals (two stages, O(1) passes).
 
+N-gram lookup (`DecodeConfig.lookup`, any method): the tokens that followed the latest earlier occurrence of the
+context's last few tokens are grafted onto the round's tree as one more path (`treeflash.ngrams`), verified
+with the rest.
+
 Round invariant: the target's cache holds every committed token but the last one (the root, the bonus of the
 previous round, which the target has not run on yet); the drafter's cache holds the context features of the
 same positions. Statistics (see `DecodeResult`): a round is one target verification pass after the prefill;
@@ -33,6 +37,7 @@ from torch import Tensor
 from .cache import KVCache
 from .drafters import BlockDraft, Drafter, check_compatible
 from .errors import TreeFlashError
+from .ngrams import LOOKUP_MAX_NGRAM, NgramIndex
 from .targets import Segment, Target
 from .trees import (
     DraftTree,
@@ -40,6 +45,7 @@ from .trees import (
     chain_tree,
     check_budget,
     conditional_tree,
+    graft_chain,
     lazy_conditional_tree_steps,
     marginal_tree,
     top_k_logprobs,
@@ -52,6 +58,9 @@ METHODS = ("ar", "dflash", "ddtree", "treeflash")
 # 65-node tree for about the price of one token, a CPU pays for each node (measured in results/speed/).
 DEFAULT_BUDGET = 64
 DEFAULT_CPU_BUDGET = 4  # fastest with the 3rd-6th drafters; 2-4 within 3% with the 7th (results/speed/bench_drafter_v*)
+# N-gram lookup tokens grafted per round when the caller does not say (treeflash.ngrams); ar and dflash stay
+# the plain baselines.
+DEFAULT_LOOKUP: dict[str, int] = {}
 STAGES = ("prefill", "draft", "head", "tree", "verify", "commit")
 
 
@@ -69,6 +78,10 @@ class DecodeConfig:
     draft_top_k: int = 16  # TreeFlash: children kept per conditional row
     candidate_tokens: int | None = None  # TreeFlash: candidate parents per position (m); None = tuned, else drafter's
     stop_at_eos: bool = True  # stop at the target's end-of-sequence tokens
+    # N-gram lookup: graft up to this many tokens copied from the context onto each round's tree (beyond the
+    # budget; see treeflash.ngrams); 0 = off; None = the method's default (DEFAULT_LOOKUP)
+    lookup: int | None = None
+    lookup_ngram: int = 2  # the shortest context suffix a lookup matches (the longest tried first: 4)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -81,6 +94,12 @@ class DecodeConfig:
             raise TreeFlashError(f"draft_top_k must be >= 1; got {self.draft_top_k}")
         if self.candidate_tokens is not None and self.candidate_tokens < 1:
             raise TreeFlashError(f"candidate_tokens must be >= 1; got {self.candidate_tokens}")
+        if self.lookup is not None and (isinstance(self.lookup, bool) or not isinstance(self.lookup, int)
+                                        or self.lookup < 0):
+            raise TreeFlashError(f"lookup must be a whole number >= 0 (0 = off); got {self.lookup!r}")
+        if isinstance(self.lookup_ngram, bool) or self.lookup_ngram not in range(1, LOOKUP_MAX_NGRAM + 1):
+            raise TreeFlashError(f"lookup_ngram must be a whole number from 1 to {LOOKUP_MAX_NGRAM}; "
+                                 f"got {self.lookup_ngram!r}")
         self.sampling  # validates temperature, top_p, top_k
 
     @property
@@ -103,6 +122,7 @@ class DecodeResult:
     budget: int  # draft nodes per round (0 for ar)
     seed: int | None  # the sampling seed actually used (None when greedy)
     text: str | None = None
+    lookup: int = 0  # n-gram lookup tokens grafted per round at most (0 = off)
 
     @property
     def new_tokens(self) -> int:
@@ -132,6 +152,7 @@ class DecodeResult:
             "stage_seconds": self.stage_seconds,
             "stop_reason": self.stop_reason,
             "budget": self.budget,
+            "lookup": self.lookup,
             "seed": self.seed,
         }
 
@@ -158,6 +179,11 @@ def resolve_budget(method: str, budget: int | None, drafter: Drafter | None, tun
     if tuning is not None and tuning.budget(method) is not None:
         return tuning.budget(method)
     return DEFAULT_CPU_BUDGET if torch.device(device).type == "cpu" else DEFAULT_BUDGET
+
+
+def resolve_lookup(method: str, lookup: int | None) -> int:
+    """N-gram lookup tokens per round: the given number, else the method's default (DEFAULT_LOOKUP)."""
+    return DEFAULT_LOOKUP.get(method, 0) if lookup is None else lookup
 
 
 def root_only_tree(root: int) -> DraftTree:
@@ -202,6 +228,8 @@ class Generation:
     dcache: KVCache | None  # the drafter's (None for ar)
     feature_layers: tuple[int, ...]  # target layers the drafter reads (() for ar)
     on_tokens: Callable[[list[int]], bool | None] | None = None
+    ngrams: NgramIndex | None = None  # prompt + committed tokens, indexed for n-gram lookup (None: lookup off)
+    lookup: int = 0  # tokens an n-gram lookup grafts per round at most
     committed: list[int] = dataclasses.field(default_factory=list)  # new tokens so far
     acceptance: list[int] = dataclasses.field(default_factory=list)  # accepted drafted tokens per round
     features: Tensor | None = None  # [c, k*H]: context features the drafter has not seen yet
@@ -233,6 +261,7 @@ class Generation:
             budget=self.budget,
             seed=None if self.sampling.greedy else self.sampling.seed,
             text=text,
+            lookup=self.lookup,
         )
 
     def _commit(self, new: list[int]) -> None:
@@ -247,6 +276,8 @@ class Generation:
         if len(new) >= room:
             new, stop = new[:room], stop or "max_new_tokens"
         self.committed.extend(new)
+        if self.ngrams is not None:
+            self.ngrams.extend(new)
         if self.on_tokens is not None:
             try:
                 if self.on_tokens(new):
@@ -338,6 +369,7 @@ class Decoder:
             raise TreeFlashError(f"the prompt has token ids outside the target's vocabulary [0, {vocab})")
 
         budget = resolve_budget(method, config.budget, drafter, self.tuning, target.device)
+        lookup = resolve_lookup(method, config.lookup)
         target.pack()  # once; on a CPU, 1.08x for one sequence's ar and 1.3x for 8 batched (see Target.pack)
         sampling = config.sampling
         if not sampling.greedy and sampling.seed is None:
@@ -350,11 +382,13 @@ class Decoder:
             sampling=sampling,
             eos=frozenset(target.eos_token_ids) if config.stop_at_eos else frozenset(),
             # Slots, not positions: a whole tree is written after the committed tokens even near the context limit.
-            cache=target.new_cache(min(target.max_length, n + config.max_new_tokens) + budget + 1),
+            cache=target.new_cache(min(target.max_length, n + config.max_new_tokens) + budget + lookup + 1),
             # The drafter caches committed context and writes its whole block after it.
             dcache=drafter.new_cache(n + config.max_new_tokens + drafter.block_size) if method != "ar" else None,
             feature_layers=drafter.config.target_layer_ids if method != "ar" else (),
             on_tokens=on_tokens,
+            ngrams=NgramIndex(prompt_ids, config.lookup_ngram) if lookup else None,
+            lookup=lookup,
         )
 
     # -- one round for several generations ----------------------------------------------------------
@@ -443,7 +477,8 @@ class Decoder:
                                        g.config.draft_top_k, m))
         trees = build_trees(self.drafter, self.target, searches)
         clock.lap("head")
-        return trees
+        return [graft_chain(tree, g.ngrams.continuation(g.lookup)) if g.ngrams is not None else tree
+                for g, tree in zip(generations, trees)]
 
     def _verify_input(self, g: Generation, tree: DraftTree) -> tuple[DraftTree, Segment]:
         """The tree to verify (cut to fit the context) and the target's input for it after g's committed

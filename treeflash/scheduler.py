@@ -312,6 +312,7 @@ class Engine:
         return {
             "method": config.method,
             "budget": g.budget,
+            "lookup": g.lookup,
             "rounds": len(g.acceptance),
             "tau": None if math.isnan(tau) else tau,
             "seed": config.seed,

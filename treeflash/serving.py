@@ -433,10 +433,14 @@ class Server:
                            f"got {budget}", "budget")
         if method != "ar":  # resolved here as Decoder.generate does, so that it can be reported
             budget = resolve_budget(method, budget, drafter, self.decoder.tuning, self.target.device)
+        lookup = _field(body, "lookup", int, None)
+        if lookup is not None and not 0 <= lookup <= self.config.max_budget:
+            raise _invalid(f"lookup must be between 0 and {self.config.max_budget} tokens on this server; "
+                           f"got {lookup}", "lookup")
         ignore_eos = _field(body, "ignore_eos", bool, False)
         try:
             config = DecodeConfig(method=method, budget=budget, temperature=float(temperature), top_p=float(top_p),
-                                  top_k=top_k, seed=seed, stop_at_eos=not ignore_eos)
+                                  top_k=top_k, seed=seed, stop_at_eos=not ignore_eos, lookup=lookup)
         except TreeFlashError as e:
             raise _invalid(str(e)) from None
         return config, max_tokens

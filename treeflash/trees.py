@@ -12,6 +12,8 @@ Glossary (fixed here, used everywhere):
   conditional q_d(y | parent token), the TreeFlash head's distribution at depth d given the parent's token.
   score    the drafter's log-probability of the path root -> node: a sum of marginal (DDTree) or
            conditional (TreeFlash) log-probs along the path.
+  graft    nodes not from the drafter (an n-gram lookup's chain, `treeflash.ngrams`) merged in after the
+           search's nodes; their score is -inf, and they do not count against the budget.
 
 All three methods build their tree with one best-first search, `best_first_tree`, over a small table of
 "rows": row r lists the top-k children (tokens and log-probs, sorted best first) that a node drawing its
@@ -26,7 +28,7 @@ import heapq
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Generator, TypeVar
+from typing import Callable, Generator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ __all__ = [
     "chain_tree",
     "check_budget",
     "conditional_tree",
+    "graft_chain",
     "lazy_conditional_tree",
     "lazy_conditional_tree_steps",
     "run_steps",
@@ -58,7 +61,8 @@ class DraftTree:
     """A draft tree in best-first order: every node's parent comes before it.
 
     Entry 0 is the root; entries 1..n-1 are the drafted nodes, in the order the search added them
-    (non-increasing score), so any prefix of the entries is itself a valid, prefix-closed tree.
+    (non-increasing score), so any prefix of the entries is itself a valid, prefix-closed tree. Grafted nodes
+    (`graft_chain`) follow them, scored -inf.
     """
 
     tokens: Tensor  # [n] int64, CPU. Entry 0 is the root; entries 1..n-1 are drafted nodes in best-first order
@@ -237,6 +241,32 @@ def _search_steps(root: int, row, k: int, budget: int) -> Generator[list[int], N
         parents=torch.tensor(parents, dtype=torch.int64),
         depths=torch.tensor(depths, dtype=torch.int64),
         scores=torch.tensor(scores, dtype=torch.float32),
+    )
+
+
+def graft_chain(tree: DraftTree, chain: Sequence[int]) -> DraftTree:
+    """`tree` with the path root -> chain[0] -> chain[1] -> ... merged in: the chain runs along existing nodes
+    while they hold its tokens, and the rest becomes new nodes appended after the tree's own (parents still
+    come before children, siblings still never share a token), scored -inf. Returns `tree` itself when the
+    chain adds nothing."""
+    children = tree.children
+    node, extra = 0, []
+    for i, token in enumerate(int(t) for t in chain):
+        child = children[node].get(token)
+        if child is None:
+            extra = [int(t) for t in chain[i:]]
+            break
+        node = child
+    if not extra:
+        return tree
+    n = tree.tokens.shape[0]
+    depth = int(tree.depths[node])
+    return DraftTree(
+        tokens=torch.cat([tree.tokens, torch.tensor(extra, dtype=tree.tokens.dtype)]),
+        parents=torch.cat([tree.parents, torch.tensor([node] + list(range(n, n + len(extra) - 1)),
+                                                      dtype=tree.parents.dtype)]),
+        depths=torch.cat([tree.depths, torch.arange(depth + 1, depth + 1 + len(extra), dtype=tree.depths.dtype)]),
+        scores=torch.cat([tree.scores, torch.full((len(extra),), -math.inf, dtype=tree.scores.dtype)]),
     )
 
 
