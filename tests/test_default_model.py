@@ -67,12 +67,30 @@ def test_the_shipped_drafter_is_lossless_and_accepts_drafts(target):
     reference = decoder.generate(ids, DecodeConfig(method="ar", max_new_tokens=64, stop_at_eos=False)).token_ids
     taus = {}
     for method in METHODS[1:]:
-        result = decoder.generate(ids, DecodeConfig(method=method, budget=32, max_new_tokens=64, stop_at_eos=False))
+        result = decoder.generate(ids, DecodeConfig(method=method, budget=32, max_new_tokens=64, stop_at_eos=False,
+                                                    lookup=0))
         assert result.token_ids == reference, method
         taus[method] = result.tau
     untrained = Decoder(target, new_drafter(target)).generate(
-        ids, DecodeConfig(method="treeflash", budget=32, max_new_tokens=64, stop_at_eos=False))
+        ids, DecodeConfig(method="treeflash", budget=32, max_new_tokens=64, stop_at_eos=False, lookup=0))
     assert taus["treeflash"] > untrained.tau + 0.2, (taus, untrained.tau)
+
+
+def test_ngram_lookup_on_the_real_model_is_lossless_and_lands(target):
+    """Every method with n-gram lookup equals ar greedy; on code that repeats its names, lookups alone (ar)
+    commit more than one token in some rounds."""
+    from treeflash.api import resolve_drafter
+
+    decoder = Decoder(target, resolve_drafter(None, target))
+    ids = target.encode_prompt("Write a Python function that returns the sum of the squares of a list, with a "
+                               "docstring and three examples of calling it.")
+    reference = decoder.generate(ids, DecodeConfig(method="ar", max_new_tokens=96, lookup=0)).token_ids
+    taus = {}
+    for method in METHODS:
+        result = decoder.generate(ids, DecodeConfig(method=method, budget=4, max_new_tokens=96, lookup=8))
+        assert result.token_ids == reference, method
+        taus[method] = result.tau
+    assert taus["ar"] > 1.1, taus  # 1.17 here: 7 lookup tokens accepted in 41 rounds
 
 
 def test_the_shipped_drafter_reads_its_anchor(target):
