@@ -29,6 +29,8 @@ def test_anchors_come_from_response_positions():
     assert sample_anchors(1, 4, 10, g).tolist() == [1, 2]  # p >= 1: the drafter needs some context
     assert sample_anchors(9, 10, 10, g).tolist() == [8]  # one response token: one anchor before it
     assert sample_anchors(10, 10, 10, g).numel() == 0  # no response at all
+    # A prompt longer than max_length leaves a sequence cut inside its prompt: no anchor, no error.
+    assert sample_anchors(1500, 1024, 10, g).numel() == 0 and sample_anchors(1500, 1024, 10, g).dtype == torch.int64
 
 
 def test_blocks_by_hand():

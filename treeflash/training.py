@@ -71,9 +71,9 @@ def sample_anchors(prompt_length: int, length: int, count: int, generator: torch
     """Up to `count` distinct anchors, sorted: positions p >= 1 (some context before it) whose next token is a
     response token (p + 1 >= prompt_length) and exists (p + 1 < length). Returns [A] int64."""
     low = max(prompt_length - 1, 1)
+    if low >= length - 1:  # no response token left, e.g. a prompt longer than max_length cut the sequence
+        return torch.zeros(0, dtype=torch.int64)
     candidates = torch.arange(low, length - 1)
-    if candidates.numel() == 0:
-        return candidates
     pick = torch.randperm(candidates.numel(), generator=generator)[:count]
     return candidates[pick].sort().values
 
