@@ -59,7 +59,7 @@ def test_streams_text_and_prints_stats(model_dir, capsys):
                  "--max-new-tokens", "12", "--budget", "8", "--ignore-eos"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip().startswith("w")
-    assert "[ddtree] 12 tokens" in captured.err and "tau" in captured.err and "verify" in captured.err
+    assert "[ddtree + lookup 8] 12 tokens" in captured.err and "tau" in captured.err and "verify" in captured.err
 
 
 def test_lookup_flags_reach_the_decoder(model_dir, capsys):

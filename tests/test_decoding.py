@@ -41,7 +41,7 @@ def test_greedy_speculative_equals_ar(pair, method, budget):
     target, drafter = pair
     decoder = Decoder(target, drafter)
     reference = decoder.generate(PROMPT, DecodeConfig(method="ar", max_new_tokens=48)).token_ids
-    result = decoder.generate(PROMPT, DecodeConfig(method=method, budget=budget, max_new_tokens=48))
+    result = decoder.generate(PROMPT, DecodeConfig(method=method, budget=budget, max_new_tokens=48, lookup=0))
     assert result.token_ids == reference
     assert len(result.acceptance_lengths) == result.rounds
     assert all(0 <= a <= min(budget, drafter.block_size - 1) for a in result.acceptance_lengths)
@@ -128,7 +128,8 @@ def test_oracle_drafter_reaches_the_block_size(method):
     target = tiny_target("qwen3")
     expected = greedy_reference(target, PROMPT, 60 + 8)
     oracle = OracleDrafter(target, PROMPT + expected, block_size=8)
-    result = Decoder(target, oracle).generate(PROMPT, DecodeConfig(method=method, budget=16, max_new_tokens=60))
+    result = Decoder(target, oracle).generate(PROMPT, DecodeConfig(method=method, budget=16, max_new_tokens=60,
+                                                                   lookup=0))
     assert result.token_ids == expected[:60]
     # Every round accepts all 7 drafted tokens, plus the bonus: tau equals the block size.
     assert result.acceptance_lengths == [7] * result.rounds

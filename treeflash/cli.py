@@ -33,7 +33,7 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget", type=int, default=None,
                         help="draft nodes per round, the root not counted, as in DDTree (default: the budget "
-                             "`treeflash tune` chose on this machine, else 4 on a CPU and 64 on a GPU for trees; "
+                             "`treeflash tune` chose on this machine, else 2 on a CPU and 64 on a GPU for trees; "
                              "block size - 1 for dflash)")
     budget.add_argument("--tree-size", type=int, default=None,
                         help="the same, counting the root as ETH's TreeFlash does (tree size = budget + 1)")
@@ -48,7 +48,7 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
                    help="TreeFlash: candidate parents per position, m (default: the tuned one, else the drafter's, 16)")
     p.add_argument("--lookup", type=int, default=None,
                    help="n-gram lookup: graft up to this many tokens copied from the context onto each round's "
-                        "tree, beyond the budget; 0 = off (default: the method's, see DEFAULT_LOOKUP)")
+                        "tree, beyond the budget; 0 = off (default: 8 for ddtree and treeflash, 0 for ar and dflash)")
     p.add_argument("--lookup-ngram", type=int, default=d.lookup_ngram,
                    help=f"the shortest context suffix a lookup matches, 1-4 (default: {d.lookup_ngram})")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")

@@ -57,10 +57,13 @@ METHODS = ("ar", "dflash", "ddtree", "treeflash")
 # Draft nodes per round when neither the caller nor a tuning (`treeflash tune`) says: a GPU verifies a
 # 65-node tree for about the price of one token, a CPU pays for each node (measured in results/speed/).
 DEFAULT_BUDGET = 64
-DEFAULT_CPU_BUDGET = 4  # fastest with the 3rd-6th drafters; 2-4 within 3% with the 7th (results/speed/bench_drafter_v*)
+# 2 with n-gram lookup on: 2-4% faster than 4 for both trees, both lookups and both sets of the 8th drafter's
+# bench (results/speed/bench_lookup_cpu_amd); without lookup 2-4 were within 3% (results/speed/bench_drafter_v*)
+DEFAULT_CPU_BUDGET = 2
 # N-gram lookup tokens grafted per round when the caller does not say (treeflash.ngrams); ar and dflash stay
-# the plain baselines.
-DEFAULT_LOOKUP: dict[str, int] = {}
+# the plain baselines. 8: on a 2-core AMD EPYC treeflash@2 went 1.20x -> 1.68x ar with 8 and 1.67x with 16
+# (results/speed/bench_lookup_cpu_amd); a GPU verifies the extra entries almost for free.
+DEFAULT_LOOKUP: dict[str, int] = {"ddtree": 8, "treeflash": 8}
 STAGES = ("prefill", "draft", "head", "tree", "verify", "commit")
 
 
