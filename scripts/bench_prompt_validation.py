@@ -29,7 +29,7 @@ import torch
 from treeflash.api import resolve_drafter
 from treeflash.data import load_prompts, load_sequences, regenerate
 from treeflash.targets import load_target
-from treeflash.training import TrainConfig, evaluate
+from treeflash.training import TrainConfig, evaluate, profile
 
 EVAL_DIR = Path.home() / ".cache" / "treeflash" / "eval"
 
@@ -47,12 +47,11 @@ def table(results: dict, dataset: str) -> list[str]:
     lines = [f"### {dataset}", "",
              "| drafter | records | marginal top-1 by position | chain tau | conditional top-1 by position "
              "| chain tau | anchor sensitivity |", "|---|---|---|---|---|---|---|"]
-    fmt = lambda xs: " ".join(f"{x:.2f}".lstrip("0") for x in xs)  # noqa: E731
     for name, per_set in results.items():
         r = per_set[dataset]
-        cond = (f"{fmt(r['conditional_top1'])} | {r['conditional_chain_tau']:.3f}" if "conditional_top1" in r
+        cond = (f"{profile(r['conditional_top1'])} | {r['conditional_chain_tau']:.3f}" if "conditional_top1" in r
                 else "– | –")
-        lines.append(f"| {name} | {r['records']} | {fmt(r['marginal_top1'])} | {r['marginal_chain_tau']:.3f} | "
+        lines.append(f"| {name} | {r['records']} | {profile(r['marginal_top1'])} | {r['marginal_chain_tau']:.3f} | "
                      f"{cond} | {r['anchor_sensitivity']:.2f} |")
     return lines + [""]
 
