@@ -122,15 +122,17 @@ def test_new_drafter_writes_a_loadable_checkpoint(model_dir, tmp_path, capsys):
 def test_tune_saves_defaults_that_generate_then_uses(model_dir, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("TREEFLASH_CACHE", str(tmp_path))
     common = ["--target", str(model_dir), "--drafter", "untrained"]
-    assert main(["tune", *common, "--budgets", "3,5", "--candidate-tokens", "2", "--prompts", "1",
+    assert main(["tune", *common, "--budgets", "3,5", "--candidate-tokens", "2", "--lookups", "0,2", "--prompts", "1",
                  "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    assert "| treeflash |" in out and "saved to" in out
+    assert "| treeflash |" in out and "saved to" in out and " lookup " in out
     saved = json.loads(next((tmp_path / "tuned").glob("*.json")).read_text())
     tuned = saved["best"]["treeflash"]["budget"]
     assert tuned in (3, 5) and saved["command"].startswith("treeflash tune --target")
+    tuned_lookup = saved["best"]["treeflash"]["lookup"]
+    assert tuned_lookup in (0, 2, 8)
     result = _run_json(capsys, "w3 w9", *common, "--method", "treeflash", "--max-new-tokens", "4")
-    assert result["budget"] == tuned
+    assert result["budget"] == tuned and result["lookup"] == tuned_lookup
     assert _run_json(capsys, "w3 w9", *common, "--method", "treeflash", "--budget", "7",
                      "--max-new-tokens", "4")["budget"] == 7
 
@@ -139,6 +141,7 @@ def test_tune_saves_defaults_that_generate_then_uses(model_dir, capsys, tmp_path
     (["--budgets", "4,x"], "comma-separated whole numbers"),
     (["--budgets", "0"], "budget must be"),
     (["--prompts", "9"], "--prompts must be between"),
+    (["--lookups", "8,-1"], "--lookups must be whole numbers"),
 ])
 def test_bad_tune_flags_are_clear_errors(model_dir, capsys, flags, message):
     assert main(["tune", "--target", str(model_dir), "--drafter", "untrained", "--dry-run", *flags]) == 2

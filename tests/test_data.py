@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import treeflash.data as data
-from treeflash.data import Prompt, _write_shards, sharegpt_later_turns
+from treeflash.data import Prompt, _write_shards, dataset_responses, sharegpt_later_turns, sharegpt_replies
 from treeflash.errors import TreeFlashError
 
 from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
@@ -41,6 +41,51 @@ def test_the_held_out_split_is_the_same_as_for_first_turns(monkeypatch):
     records = [_record("a", "q1", "r1", "q2"), _record("b", "q1", "r1", "q2"),
                {"id": "c", "conversations": []}]  # no first turn: the held-out one is b
     assert [p.id for p in sharegpt_later_turns(iter(records))] == ["sharegpt-a-turn2"]
+
+
+def test_replies_are_every_answered_turn_of_the_training_split(monkeypatch):
+    monkeypatch.setattr(data, "SHAREGPT_HELDOUT", 1)
+    records = [
+        _record("a", "q1", "r1", "q2", "r2", "q3"),  # q3 has no answer: not a reply record
+        _record("c", "q1", "r1", "", "r2"),
+        _record("e", "held", "out", "q2", "r2"),  # held out whole
+    ]
+    prompts = sharegpt_replies(iter(records))
+    assert [(p.id, p.text, p.reply) for p in prompts] == [
+        ("sharegpt-a-reply1", "q1", "r1"), ("sharegpt-a-reply2", "q2", "r2"), ("sharegpt-c-reply1", "q1", "r1")]
+    assert prompts[1].history == (("user", "q1"), ("assistant", "r1"))
+
+
+def test_dataset_responses_write_the_replies_as_records(model_dir, tmp_path, capsys):  # noqa: F811
+    """The dataset's own replies, tokenised, end-of-turn appended, cut at the cap; resumable like regeneration;
+    a prompt without a reply is a clear error. Then through the CLI."""
+    from transformers import AutoTokenizer
+
+    from treeflash.cli import main
+    from treeflash.data import load_sequences
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    prompts = [Prompt("x-reply1", "w3 w4", reply="w5 w6 w7"), Prompt("y-reply1", "w8", reply="w9 w10 w11 w12 w13 w14")]
+    counts = dataset_responses(tokenizer, prompts, tmp_path / "d", eos_token_id=2, max_new_tokens=4, progress=False)
+    assert counts["written_now"] == 2
+    records = [json.loads(line) for line in (tmp_path / "d" / "shard-00000.jsonl").read_text().splitlines()]
+    words = tokenizer.encode("w5 w6 w7", add_special_tokens=False)
+    assert records[0]["response_ids"] == (words + [2])[:4] and len(records[1]["response_ids"]) == 4
+    assert records[0]["prompt_ids"] == tokenizer.apply_chat_template(prompts[0].messages(), add_generation_prompt=True,
+                                                                      return_dict=False)
+    assert len(load_sequences(tmp_path / "d")) == 2
+    again = dataset_responses(tokenizer, prompts, tmp_path / "d", eos_token_id=2, max_new_tokens=4, progress=False)
+    assert again["written_now"] == 0
+    with pytest.raises(TreeFlashError, match="no reply of their own"):
+        dataset_responses(tokenizer, [Prompt("z", "w3")], tmp_path / "e", eos_token_id=2)
+    # The CLI: a JSONL source keeps no replies, so --responses dataset refuses it; --server makes no sense with it.
+    source = tmp_path / "prompts.jsonl"
+    source.write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
+    base = ["train", "data", "--prompts", str(source), "--target", str(model_dir), "--responses", "dataset"]
+    assert main(base + ["--out", str(tmp_path / "f")]) == 2
+    assert "sharegpt-replies" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "g"), "--server", "http://localhost:1"]) == 2
+    assert "drop --server" in capsys.readouterr().err
 
 
 def test_regeneration_templates_the_whole_conversation(tmp_path):

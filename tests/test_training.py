@@ -383,3 +383,28 @@ def test_a_time_budget_sets_the_schedule_and_ends_the_run(tmp_path):
     assert max(r["lr"] for r in log) > 10 * log[-1]["lr"]  # warmed up, then decayed by the clock
     with pytest.raises(TreeFlashError, match="time budget"):
         _config(time_budget=0)
+
+
+def test_target_labels_teach_the_target_on_text_it_did_not_write(tmp_path):
+    """On random text (not the target's), cross-entropy on the text's own tokens teaches the text; with
+    labels="target" the same run learns the target's greedy tokens at those positions instead, which is what
+    verification accepts."""
+    from treeflash.training import evaluate
+
+    target = tiny_target("llama", dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    data = [Sequence(f"r{i}", torch.randint(0, target.vocab_size - 1, (24,), generator=g).tolist(), prompt_length=4)
+            for i in range(3)]
+    first_position = {}
+    for labels in ("data", "target"):
+        drafter = _fresh(target)
+        config = _config(labels=labels, epochs=60, val_sequences=1)
+        train(drafter, target, data, config, tmp_path / labels, progress=False, log=lambda m: None)
+        trained_on = split_validation(data, config.val_sequences)[1]  # memorised: the clearest signal
+        first_position[labels] = {ref: evaluate(drafter, target, trained_on, config, reference=ref)["marginal_top1"][0]
+                                  for ref in ("target", "labels")}
+    # Each run agrees with what it was taught far more than with the other.
+    assert first_position["target"]["target"] > first_position["data"]["target"] + 0.3
+    assert first_position["data"]["labels"] > first_position["target"]["labels"] + 0.3
+    with pytest.raises(TreeFlashError, match="unknown labels"):
+        TrainConfig(labels="targets")

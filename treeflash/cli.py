@@ -116,6 +116,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # Flags are checked before the model loads.
     budgets = [check_budget(b) for b in _int_list(args.budgets, "--budgets")]
     candidates = _int_list(args.candidate_tokens, "--candidate-tokens")
+    lookups = _int_list(args.lookups, "--lookups")
+    if any(x < 0 for x in lookups):
+        raise TreeFlashError(f"--lookups must be whole numbers >= 0 (0 = off), e.g. 0,8,16; got {args.lookups}")
     if not 1 <= args.prompts <= len(CALIBRATION_PROMPTS):
         raise TreeFlashError(f"--prompts must be between 1 and {len(CALIBRATION_PROMPTS)}; got {args.prompts}")
     if args.max_new_tokens < 1:
@@ -128,18 +131,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"tuning on {len(prompts)} prompts x {args.max_new_tokens} tokens, best of {args.repeats}, greedy, "
           f"{torch.get_num_threads()} torch threads (each setting is timed on the same tokens; a few minutes on a "
           f"CPU)", file=sys.stderr)
-    tuning = tune(decoder, prompts, budgets=budgets, candidates=candidates, max_new_tokens=args.max_new_tokens,
+    tuning = tune(decoder, prompts, budgets=budgets, candidates=candidates, lookups=lookups,
+                  max_new_tokens=args.max_new_tokens,
                   progress=lambda line: print("  " + line, file=sys.stderr, flush=True), repeats=args.repeats)
     tuning.command = "treeflash " + shlex.join(args.argv)
     print(report(tuning))
     best = tuning.best
     chosen = ", ".join(f"{m} budget {v['budget']}" + (f" m {v['candidate_tokens']}" if "candidate_tokens" in v else "")
-                       for m, v in best.items() if m in ("ddtree", "treeflash"))
+                       + f" lookup {v['lookup']}" for m, v in best.items() if m in ("ddtree", "treeflash"))
     print(f"\nchosen: {chosen}; fastest method here: {tuning.fastest_method} "
           f"({best[tuning.fastest_method]['tokens_per_second']:.1f} tokens/s)")
     if not args.dry_run:
         path = save_tuning(tuning)
-        print(f"saved to {path}: generate, serve and the Python API now use these when no budget or m is given")
+        print(f"saved to {path}: generate, serve and the Python API now use these when no budget, m or lookup "
+              "is given")
     return 0
 
 
@@ -201,9 +206,28 @@ def cmd_train_data(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "excluded.json").write_text(json.dumps([p.id for p in dropped], indent=1) + "\n")
+    what = "writing the dataset's own" if args.responses == "dataset" else "regenerating"
     print(f"{len(prompts)} prompts from {args.prompts}; {len(dropped)} dropped for overlapping MT-Bench or "
-          f"HumanEval; regenerating {len(kept)} responses with the target", file=sys.stderr)
+          f"HumanEval; {what} {len(kept)} responses", file=sys.stderr)
     from .api import parse_dtype
+
+    if args.responses == "dataset":  # no generation: only the target's tokenizer is needed
+        if args.server:
+            raise TreeFlashError("--responses dataset writes the dataset's own replies and generates nothing; "
+                                 "drop --server")
+        from transformers import AutoTokenizer
+
+        from .data import dataset_responses
+        from .targets import DEFAULT_TARGET, default_target_path
+
+        name = args.target or DEFAULT_TARGET
+        path = default_target_path() if name == DEFAULT_TARGET else name
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        counts = dataset_responses(tokenizer, kept, out, tokenizer.eos_token_id, max_new_tokens=args.max_new_tokens,
+                                   max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
+                                   target_name=name)
+        print(json.dumps(counts))
+        return 0
 
     if args.server:  # the target's tokenizer templates the prompts; a running server generates
         from transformers import AutoTokenizer
@@ -322,7 +346,7 @@ def _train_config_from_args(args: argparse.Namespace, stage: str):
         stage=stage, epochs=args.epochs, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, batch_size=args.batch_size, anchors=args.anchors, max_length=args.max_length,
         max_sequences=args.max_sequences,
-        gamma=args.gamma, loss=args.loss, finetune_backbone=getattr(args, "finetune_backbone", False),
+        gamma=args.gamma, loss=args.loss, labels=args.labels, finetune_backbone=getattr(args, "finetune_backbone", False),
         val_sequences=args.val_sequences, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         precision=args.precision, balance_features=not getattr(args, "no_balance_features", False),
         features=args.features, time_budget=args.time_budget,
@@ -468,6 +492,10 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--loss", choices=("ce", "kl", "ce+kl"), default=None,
                    help="ce (true tokens), kl (to the target's distribution) or their mean "
                         "(default: ce for drafters, kl for heads)")
+    p.add_argument("--labels", choices=("data", "target"), default="data",
+                   help="what cross-entropy aims at: data, each sequence's own next token (regenerated data: the "
+                        "target's); target, the target's greedy token there, for text the target did not write "
+                        "(`train data --responses dataset`) (default: data)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="minutes of training: the schedule spans this time instead of --epochs")
     p.add_argument("--val-sequences", type=int, default=d.val_sequences, help=f"(default: {d.val_sequences})")
@@ -526,14 +554,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(s)
     add_serve_flags(s)
 
-    from .tuning import DEFAULT_BUDGETS, DEFAULT_CANDIDATES, DEFAULT_REPEATS, DEFAULT_TUNE_TOKENS
+    from .tuning import DEFAULT_BUDGETS, DEFAULT_CANDIDATES, DEFAULT_LOOKUPS, DEFAULT_REPEATS, DEFAULT_TUNE_TOKENS
 
-    t = sub.add_parser("tune", help="time budgets and candidate counts on this machine; keep the fastest as defaults")
+    t = sub.add_parser("tune", help="time budgets, candidate counts and lookup lengths on this machine; keep the "
+                                    "fastest as defaults")
     _add_model_flags(t)
     t.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
                    help="comma-separated budgets to time for ddtree and treeflash (default: %(default)s)")
     t.add_argument("--candidate-tokens", default=",".join(map(str, DEFAULT_CANDIDATES)),
                    help="comma-separated TreeFlash candidate counts m to time at the best budget (default: %(default)s)")
+    t.add_argument("--lookups", default=",".join(map(str, DEFAULT_LOOKUPS)),
+                   help="comma-separated n-gram lookup lengths (0 = off) to time for ddtree and treeflash at their "
+                        "best settings (default: %(default)s)")
     t.add_argument("--prompts", type=int, default=3, help="built-in calibration prompts to use, 1-3 (default: 3)")
     t.add_argument("--max-new-tokens", type=int, default=DEFAULT_TUNE_TOKENS, help="per prompt (default: %(default)s)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); "
@@ -553,11 +585,16 @@ def build_parser() -> argparse.ArgumentParser:
     steps = train.add_subparsers(dest="step", required=True)
     from .data import REGENERATION_ENGINES
 
-    d = steps.add_parser("data", help="regenerate responses to prompts with the target (resumable)")
+    d = steps.add_parser("data", help="regenerate responses to prompts with the target (resumable), or keep a "
+                                      "dataset's own")
     d.add_argument("--out", required=True, help="output directory of JSONL shards")
     d.add_argument("--prompts", default="sharegpt",
                    help="sharegpt (its first turns' training split), sharegpt-turns (its later turns, each after "
-                        "the conversation so far) or a JSONL file of prompts (default: sharegpt)")
+                        "the conversation so far), sharegpt-replies (every turn ShareGPT answered, the answer kept, "
+                        "for --responses dataset) or a JSONL file of prompts (default: sharegpt)")
+    d.add_argument("--responses", default="target", choices=("target", "dataset"),
+                   help="target: the target's own responses, generated (default); dataset: the source's own replies "
+                        "(sharegpt-replies), written at once without generating; train on those with --labels target")
     d.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
     d.add_argument("--skip", type=int, default=0, help="skip this many prompts first")
     d.add_argument("--target", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")

