@@ -115,7 +115,7 @@ def test_bench_config_validates_and_orders_variants():
     config = BenchConfig(methods=("ddtree", "dflash"), budgets=(4,), lookups=(6, 0, 6), hf_baselines=False)
     assert config.variants() == [("ar", 0, 0), ("ddtree", 4, 0), ("ddtree", 4, 6), ("dflash", None, 0)]
     for bad in (dict(methods=("eagle",)), dict(budgets=(0,)), dict(prompts=0), dict(temperature=-1.0),
-                dict(lookups=()), dict(lookups=(-1,))):
+                dict(lookups=()), dict(lookups=(-1,)), dict(lookup_ngram=0), dict(lookup_ngram=5)):
         with pytest.raises(TreeFlashError):
             BenchConfig(**bad)
 
@@ -228,7 +228,7 @@ def test_bench_end_to_end_on_a_tiny_model(model_dir, prompts_file, tmp_path, cap
     out = tmp_path / "bench"
     threads = torch.get_num_threads()
     assert main(["bench", "--target", str(model_dir), "--drafter", "untrained", "--datasets", str(prompts_file),
-                 "--budgets", "4,8", "--lookups", "0,3", "--max-new-tokens", "8", "--warmup", "1", "--analyses", "--anchors", "3",
+                 "--budgets", "4,8", "--lookups", "0,3", "--lookup-ngram", "1", "--max-new-tokens", "8", "--warmup", "1", "--analyses", "--anchors", "3",
                  "--draw-budget", "6", "--threads", "1", "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().err
     assert torch.get_num_threads() == threads  # --threads does not outlive the command
@@ -250,7 +250,7 @@ def test_bench_end_to_end_on_a_tiny_model(model_dir, prompts_file, tmp_path, cap
             assert {"prefill", "tree", "verify", "commit"} <= set(run["stage_seconds"])
     meta = data["meta"]
     assert meta["machine"]["torch_threads"] >= 1 and meta["machine"]["torch"] and meta["machine"]["transformers"]
-    assert meta["command"].startswith("treeflash bench --target") and "--budgets 4,8 --lookups 0,3" in meta["command"]
+    assert meta["command"].startswith("treeflash bench --target") and "--budgets 4,8 --lookups 0,3 --lookup-ngram 1" in meta["command"]
 
     with (out / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))

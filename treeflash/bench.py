@@ -336,6 +336,7 @@ class BenchConfig:
     # n-gram lookup lengths for ddtree and treeflash, each a series of its own (0 = off; default: off and the
     # default of DecodeConfig, so that both the paper's trees and `treeflash generate` are measured)
     lookups: tuple[int, ...] = tuple(sorted({0, DEFAULT_LOOKUP.get("treeflash", 0)}))
+    lookup_ngram: int = DecodeConfig.lookup_ngram  # the shortest context suffix a lookup matches, every variant
     datasets: tuple[str, ...] = DEFAULT_DATASETS  # names for treeflash.data.load_prompts, or JSONL paths
     prompts: int = 10  # prompts per dataset (the first ones)
     max_new_tokens: int = 256  # per generation; EOS also stops every variant
@@ -369,7 +370,7 @@ class BenchConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise TreeFlashError(f"{name} must be a whole number >= {least}; got {value!r}")
         check_budget(self.draw_budget)
-        DecodeConfig(temperature=self.temperature, seed=self.seed)  # validates both
+        DecodeConfig(temperature=self.temperature, seed=self.seed, lookup_ngram=self.lookup_ngram)  # validates them
 
     def variants(self) -> list[tuple[str, int | None, int]]:
         """(method, budget, lookup) in the order each prompt runs them; budget None = the method's own
@@ -428,6 +429,7 @@ def _generate(decoder: Decoder, method: str, budget: int | None, lookup: int, pr
         return Run(dataset, prompt_id, method, budget, len(prompt_ids), tokens, seconds, stop)
     result = decoder.generate(prompt_ids, DecodeConfig(method=method, budget=budget or None,
                                                        max_new_tokens=max_new_tokens, lookup=lookup,
+                                                       lookup_ngram=config.lookup_ngram,
                                                        temperature=config.temperature, seed=config.seed))
     return Run(dataset, prompt_id, method, result.budget, len(prompt_ids), list(result.token_ids), result.seconds,
                result.stop_reason, rounds=result.rounds, acceptance_lengths=list(result.acceptance_lengths),
@@ -747,6 +749,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookups", type=_csv_list(int), default=d.lookups,
                    help="comma-separated n-gram lookup lengths for ddtree and treeflash, each a series of its own; "
                         f"0 = off (default: {','.join(map(str, d.lookups))})")
+    p.add_argument("--lookup-ngram", type=int, default=d.lookup_ngram,
+                   help=f"the shortest context suffix a lookup matches, 1-4 (default: {d.lookup_ngram})")
     p.add_argument("--datasets", type=_csv_list(str), default=d.datasets,
                    help=f"comma-separated: mtbench (first turns), humaneval, sharegpt-heldout, or JSONL paths "
                         f"(default: {','.join(d.datasets)})")
@@ -786,7 +790,7 @@ def equivalent_command(args: argparse.Namespace, config: BenchConfig, out: Path)
         if getattr(args, flag, None) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     argv += ["--methods", ",".join(config.methods), "--budgets", ",".join(map(str, config.budgets)),
-             "--lookups", ",".join(map(str, config.lookups)),
+             "--lookups", ",".join(map(str, config.lookups)), "--lookup-ngram", str(config.lookup_ngram),
              "--datasets", ",".join(config.datasets), "--prompts", str(config.prompts),
              "--max-new-tokens", str(config.max_new_tokens), "--temperature", str(config.temperature),
              "--seed", str(config.seed), "--warmup", str(config.warmup)]
