@@ -174,6 +174,26 @@ def test_resume_with_other_settings_is_refused(tmp_path):
               log=lambda m: None)
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    from treeflash.training import STATE_FILE
+
+    target = tiny_target("llama", dtype=torch.float32)
+    drafter = tiny_drafter(target, block_size=4).float()
+    config = _config(epochs=1)
+    train(drafter, target, _sequences(target), config, tmp_path / "r", progress=False, log=lambda m: None, max_steps=2)
+    state_file = tmp_path / "r" / STATE_FILE
+    state = torch.load(state_file, weights_only=False)
+    del state["meta"]["config"]["labels"]  # as written before --labels existed
+    torch.save(state, state_file)
+    metrics = train(drafter, target, _sequences(target), config, tmp_path / "r", progress=False, log=lambda m: None)
+    assert metrics["step"] > 2
+    state = torch.load(state_file, weights_only=False)
+    state["meta"]["config"]["labels"] = "target"  # a setting that differs from the default still refuses
+    torch.save(state, state_file)
+    with pytest.raises(TreeFlashError, match="other settings"):
+        train(drafter, target, _sequences(target), config, tmp_path / "r", progress=False, log=lambda m: None)
+
+
 def test_several_data_directories_are_read_in_order_and_a_shared_record_is_refused(tmp_path):
     def shard(name, records):
         (tmp_path / name).mkdir()

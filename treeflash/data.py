@@ -186,8 +186,7 @@ def sharegpt_replies(records: Iterator[dict]) -> list[Prompt]:
 
 def load_prompts(source: str, limit: int | None = None, skip: int = 0) -> list[Prompt]:
     """Prompts from a dataset name (sharegpt, sharegpt-heldout, sharegpt-turns, sharegpt-replies, mtbench,
-    humaneval) or a JSONL
-    path; empty prompts dropped; then `skip` and `limit` select a slice."""
+    humaneval) or a JSONL path; empty prompts dropped; then `skip` and `limit` select a slice."""
     prompts: list[Prompt] = []
     if source == "mtbench":
         prompts = [Prompt(f"mtbench-{q['question_id']}", q["turns"][0]) for q in mtbench_questions()]

@@ -642,7 +642,11 @@ def train(
         from .drafters import load_drafter
 
         state = torch.load(state_file, weights_only=False)
-        if state["meta"]["config"] != meta["config"] or state["meta"]["total_steps"] != total:
+        # A run saved before a field existed holds that field's default.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+        saved_config = {**{k: v for k, v in defaults.items() if k not in state["meta"]["config"]},
+                        **state["meta"]["config"]}
+        if saved_config != meta["config"] or state["meta"]["total_steps"] != total:
             raise TreeFlashError(f"{out} holds a run with other settings; resume with the same flags or use a new --out")
         saved = load_drafter(out / DRAFTER_DIR, target, dtype=next(drafter.parameters()).dtype)
         scale_features(drafter, None)
