@@ -186,6 +186,16 @@ def test_train_features_then_a_drafter_from_them(model_dir, tmp_path, capsys):
     metrics = json.loads(out.out.splitlines()[-1])
     assert metrics["step"] == 0 and "conditional_chain_tau" in metrics and "validation only" in out.err
     assert not list((tmp_path / "check").iterdir())
+    # --add-layers grows the --init drafter; it validates exactly as the drafter it grew from.
+    assert main(check[:-2] + ["--max-steps", "0", "--add-layers", "1"]) == 0
+    out = capsys.readouterr()
+    grown = json.loads(out.out.splitlines()[-1])
+    assert "grew the drafter to 2 layers" in out.err
+    assert grown["conditional_chain_tau"] == metrics["conditional_chain_tau"]
+    assert grown["marginal_top1"] == metrics["marginal_top1"]
+    assert main(["train", "drafter", "--features", str(cache), "--out", str(tmp_path / "x"), "--target", str(model_dir),
+                 "--add-layers", "1"]) == 2
+    assert "--add-layers grows the --init drafter" in capsys.readouterr().err
 
 
 def test_train_features_skip_caches_a_later_chunk(model_dir, tmp_path, capsys):

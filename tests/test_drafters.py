@@ -6,6 +6,7 @@ import torch
 from treeflash.drafters import (
     Drafter,
     default_target_layer_ids,
+    grow_drafter,
     load_drafter,
     new_drafter,
     save_drafter,
@@ -50,6 +51,46 @@ def test_incremental_context_equals_full_context():
     assert cache.length == 12
     torch.testing.assert_close(step.logits, full.logits, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(step.hidden, full.hidden, atol=1e-10, rtol=1e-10)
+
+
+def test_a_grown_drafter_drafts_exactly_as_before_and_its_new_layer_trains(tmp_path):
+    """grow_drafter appends layers that start as the identity: the same block hidden states and logits, bit
+    for bit, on any context; the deeper drafter saves and loads; training moves the new layer."""
+    from treeflash.data import Sequence
+    from treeflash.training import TrainConfig, train
+
+    from helpers import greedy_reference
+
+    target = tiny_target("llama", dtype=torch.float32)
+    drafter = tiny_drafter(target).float()
+    head = drafter.ar_approximation
+    with torch.no_grad():
+        head.d.weight.normal_(0, 0.02)  # a trained-looking head, so the conditionals are checked too
+    grown = grow_drafter(drafter, 2)
+    assert grown.config.num_hidden_layers == drafter.config.num_hidden_layers + 2
+    for seed in (0, 1):
+        feats = _context_features(target, n=9, seed=seed)
+        a = drafter.draft(target, 5, feats, drafter.new_cache(64))
+        b = grown.draft(target, 5, feats, grown.new_cache(64))
+        assert torch.equal(a.hidden, b.hidden) and torch.equal(a.logits, b.logits)
+        parents = torch.arange(a.hidden.shape[0])
+        assert torch.equal(drafter.conditional_logits(target, a.hidden, parents),
+                           grown.conditional_logits(target, b.hidden, parents))
+    save_drafter(grown, tmp_path / "grown")
+    loaded = load_drafter(tmp_path / "grown", target, dtype=torch.float32)
+    assert loaded.config.num_hidden_layers == grown.config.num_hidden_layers
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in grown.state_dict().items())
+    with pytest.raises(TreeFlashError, match="at least one layer"):
+        grow_drafter(drafter, 0)
+    # Training the backbone moves the new layer away from the identity.
+    prompt = [5, 9, 2, 7]
+    data = [Sequence(f"s{i}", prompt[i:] + prompt[:i] + greedy_reference(target, prompt[i:] + prompt[:i], 12),
+                     prompt_length=4) for i in range(4)]
+    config = TrainConfig(stage="head", finetune_backbone=True, epochs=2, lr=3e-3, anchors=4, val_sequences=1,
+                         eval_every=1000, save_every=1000, batch_size=1)
+    train(grown, target, data, config, tmp_path / "run", progress=False, log=lambda m: None)
+    new_layer = grown.layers[drafter.config.num_hidden_layers]
+    assert torch.count_nonzero(new_layer.self_attn.o_proj.weight) > 0 and torch.count_nonzero(new_layer.mlp.down_proj.weight) > 0
 
 
 @pytest.mark.parametrize("head", [True, False])

@@ -373,10 +373,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     # In bfloat16 the frozen target runs in bf16 too: features and the LM head at AMX speed.
     target = load_target(args.target, dtype=torch.bfloat16 if config.precision == "bfloat16" else torch.float32,
                          device=device)
+    if args.add_layers and not args.init:
+        raise TreeFlashError("--add-layers grows the --init drafter; pass --init PATH (a new drafter takes --layers)")
     if args.init:
         drafter = load_drafter(args.init, target, dtype=torch.float32)
         if stage == "head" and drafter.ar_approximation is None:
             drafter = _with_head(drafter, target)
+        if args.add_layers:
+            from .drafters import grow_drafter
+
+            drafter = grow_drafter(drafter, args.add_layers, seed=args.seed)
+            print(f"grew the drafter to {drafter.config.num_hidden_layers} layers (the new ones start as the identity)",
+                  file=sys.stderr)
     elif stage == "head":
         raise TreeFlashError("training a head starts from a trained drafter; pass --init PATH")
     if not args.data and not config.features:
@@ -459,6 +467,9 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
                    help="cpu or cuda (default: cuda if available); under torchrun each rank takes cuda:LOCAL_RANK")
     p.add_argument("--init", default=None, help="start from this drafter checkpoint" +
                    (" (required: a trained drafter)" if stage == "head" else " (default: a new one)"))
+    p.add_argument("--add-layers", type=int, default=0,
+                   help="grow the --init drafter by this many decoder layers, which start as the identity (it drafts "
+                        "exactly as before until trained; default: 0)")
     if stage == "drafter":
         from .training import DEFAULT_BLOCK_SIZE, DEFAULT_LAYERS, DEFAULT_TARGET_LAYERS
 

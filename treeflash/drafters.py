@@ -659,3 +659,31 @@ def new_drafter(target: Target, num_hidden_layers: int = 5, block_size: int = 16
     if draft_vocab is not None:
         drafter.draft_vocab.copy_(draft_vocab)
     return drafter.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)
+
+
+def grow_drafter(drafter: Drafter, layers: int = 1, seed: int = 0) -> Drafter:
+    """A copy of `drafter` with `layers` more decoder layers after its own, which start as the identity: each
+    new layer is initialised like a new drafter's, then its attention output and MLP down projections are
+    zeroed, so its residual branches add exactly nothing and the grown drafter drafts exactly as `drafter` did.
+    Training then moves them (their output projections get gradients at once, the rest as those grow): a
+    deeper drafter that starts from a trained one instead of from scratch."""
+    if layers < 1:
+        raise TreeFlashError(f"grow a drafter by at least one layer; got {layers}")
+    config = dataclasses.replace(drafter.config, num_hidden_layers=drafter.config.num_hidden_layers + layers)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        grown = Drafter(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    p = next(drafter.parameters())
+    grown = grown.to(device=p.device, dtype=p.dtype)
+    missing = grown.load_state_dict(drafter.state_dict(), strict=False).missing_keys
+    old = drafter.config.num_hidden_layers
+    assert all(k.startswith("layers.") and int(k.split(".")[1]) >= old for k in missing), missing
+    with torch.no_grad():
+        for layer in grown.layers[old:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return grown.train(drafter.training).requires_grad_(any(q.requires_grad for q in drafter.parameters()))
+
