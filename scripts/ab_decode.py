@@ -9,8 +9,8 @@ per prompt; greedy, so both produce the same tokens every time (checked).
         --b method=treeflash,lookup=8,lookup_ngram=1 [--datasets mtbench,humaneval] [--prompts 4] \
         [--max-new-tokens 256] [--repeats 3] [--threads 2]
 
-Settings are DecodeConfig fields (ints where they parse as ints). Writes a Markdown table: per dataset and
-pooled, tau and tokens/s of each, and B / A.
+Settings are DecodeConfig fields (ints where they parse as ints), plus `drafter=PATH` to compare drafters
+(default: the shipped one). Writes a Markdown table: per dataset and pooled, tau and tokens/s of each, and B / A.
 """
 
 from __future__ import annotations
@@ -49,9 +49,14 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     settings = {"A": parse_setting(args.a), "B": parse_setting(args.b)}
-    configs = {k: DecodeConfig(max_new_tokens=args.max_new_tokens, **v) for k, v in settings.items()}
-    decoder = load()
-    decoder.generate(decoder.target.encode_prompt("Hello"), DecodeConfig(max_new_tokens=16))  # warm-up
+    drafters = {k: v.get("drafter") for k, v in settings.items()}
+    configs = {k: DecodeConfig(max_new_tokens=args.max_new_tokens, **{f: x for f, x in v.items() if f != "drafter"})
+               for k, v in settings.items()}
+    loaded = {path: load(drafter=path) for path in dict.fromkeys(drafters.values())}  # one target per drafter
+    decoders = {k: loaded[drafters[k]] for k in settings}
+    for decoder in loaded.values():
+        decoder.generate(decoder.target.encode_prompt("Hello"), DecodeConfig(max_new_tokens=16))  # warm-up
+    decoder = decoders["A"]
     rows = {}  # dataset -> {"A": [tokens, seconds, acceptance lengths], "B": ...}
     for dataset in args.datasets.split(","):
         total = {k: [0, 0.0, []] for k in configs}
@@ -60,7 +65,7 @@ def main() -> int:
             best, tokens = {}, {}
             for r in range(args.repeats):
                 for k in (("A", "B") if r % 2 == 0 else ("B", "A")):
-                    result = decoder.generate(list(ids), configs[k])
+                    result = decoders[k].generate(list(ids), configs[k])
                     best[k] = min(best.get(k, float("inf")), result.seconds)
                     tokens.setdefault(k, (result.token_ids, list(result.acceptance_lengths)))
                     if result.token_ids != tokens[k][0]:
