@@ -20,9 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import treeflash.ngrams as ngrams
 from treeflash.data import load_sequences
-from treeflash.ngrams import NgramIndex
+from treeflash.ngrams import NgramIndex, copy_after
 
 EVAL_DIR = Path.home() / ".cache" / "treeflash" / "eval"
 
@@ -31,28 +30,25 @@ class SeveralContinuations:
     """A policy the library does not have, for comparison: the continuations of up to `k` earlier occurrences
     of the longest matching suffix (latest first, distinct first tokens), grafted together as a trie."""
 
-    def __init__(self, tokens, min_ngram: int, k: int):
-        self.min_ngram, self.k, self.tokens, self.ends = min_ngram, k, [], {}
+    def __init__(self, tokens, min_ngram: int, max_ngram: int, k: int):
+        self.min_ngram, self.max_ngram, self.k, self.tokens, self.ends = min_ngram, max_ngram, k, [], {}
         self.extend(tokens)
 
     def extend(self, tokens) -> None:
         start = len(self.tokens)
         self.tokens.extend(int(t) for t in tokens)
         for end in range(max(0, start - 1), len(self.tokens) - 1):
-            for n in range(self.min_ngram, min(ngrams.LOOKUP_MAX_NGRAM, end + 1) + 1):
+            for n in range(self.min_ngram, min(self.max_ngram, end + 1) + 1):
                 self.ends.setdefault(tuple(self.tokens[end - n + 1: end + 1]), []).append(end)
 
     def continuations(self, length: int) -> list[list[int]]:
         seq = self.tokens
-        for n in range(min(ngrams.LOOKUP_MAX_NGRAM, len(seq)), self.min_ngram - 1, -1):
+        for n in range(min(self.max_ngram, len(seq)), self.min_ngram - 1, -1):
             ends = self.ends.get(tuple(seq[-n:]))
             if ends:
                 chains, firsts = [], set()
                 for end in reversed(ends):
-                    period = len(seq) - 1 - end
-                    out = seq[end + 1: end + 1 + length]
-                    while len(out) < length:
-                        out.append(out[len(out) - period])
+                    out = copy_after(seq, end, length)
                     if out[0] not in firsts:
                         firsts.add(out[0])
                         chains.append(out)
@@ -62,10 +58,12 @@ class SeveralContinuations:
         return []
 
 
-def replay(prompt: list[int], text: list[int], length: int, min_ngram: int, k: int = 1) -> tuple[int, int, int]:
+def replay(prompt: list[int], text: list[int], length: int, min_ngram: int, max_ngram: int,
+           k: int = 1) -> tuple[int, int, int]:
     """(rounds, committed tokens, grafted entries) of `ar` + lookup over `text`, the target's greedy reply;
     k > 1: the continuations of k earlier occurrences (`SeveralContinuations`)."""
-    index = NgramIndex(prompt, min_ngram) if k == 1 else SeveralContinuations(prompt, min_ngram, k)
+    index = (NgramIndex(prompt, min_ngram, max_ngram) if k == 1
+             else SeveralContinuations(prompt, min_ngram, max_ngram, k))
     done = rounds = grafted = 0
     while done < len(text):
         chains = ([index.continuation(length)] if k == 1 else index.continuations(length)) if length else []
@@ -107,21 +105,16 @@ def main() -> int:
              "| lookup | shortest n-gram | longest n-gram | continuations | " + " | ".join(f"{n} tau" for n in sets)
              + " | all tau | grafted / round |",
              "|---|---|---|---|" + "---|" * len(sets) + "---|---|"]
-    default_max = ngrams.LOOKUP_MAX_NGRAM
-    try:
-        for length, min_ngram, max_ngram, k in [(0, 2, 4, 1)] + policies:
-            ngrams.LOOKUP_MAX_NGRAM = max_ngram
-            cells, total = [], [0, 0, 0]
-            for name, pairs in sets.items():
-                r = [replay(prompt, text, length, min_ngram, k) for prompt, text in pairs]
-                rounds, tokens, grafted = (sum(x[i] for x in r) for i in range(3))
-                cells.append(f"{tokens / rounds:.3f}")
-                total = [total[0] + rounds, total[1] + tokens, total[2] + grafted]
-            lines.append(f"| {length} | {min_ngram} | {max_ngram} | {k} | " + " | ".join(cells)
-                         + f" | {total[1] / total[0]:.3f} | {total[2] / total[0]:.1f} |")
-            print(lines[-1], flush=True)
-    finally:
-        ngrams.LOOKUP_MAX_NGRAM = default_max
+    for length, min_ngram, max_ngram, k in [(0, 2, 4, 1)] + policies:
+        cells, total = [], [0, 0, 0]
+        for name, pairs in sets.items():
+            r = [replay(prompt, text, length, min_ngram, max_ngram, k) for prompt, text in pairs]
+            rounds, tokens, grafted = (sum(x[i] for x in r) for i in range(3))
+            cells.append(f"{tokens / rounds:.3f}")
+            total = [total[0] + rounds, total[1] + tokens, total[2] + grafted]
+        lines.append(f"| {length} | {min_ngram} | {max_ngram} | {k} | " + " | ".join(cells)
+                     + f" | {total[1] / total[0]:.3f} | {total[2] / total[0]:.1f} |")
+        print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 

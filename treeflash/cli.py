@@ -192,6 +192,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_tokenizer(target: str | None):
+    """(name, tokenizer) of a target without loading its weights (None = the embedded default)."""
+    from transformers import AutoTokenizer
+
+    from .targets import DEFAULT_TARGET, default_target_path
+
+    name = target or DEFAULT_TARGET
+    path = default_target_path() if name == DEFAULT_TARGET else name
+    return name, AutoTokenizer.from_pretrained(str(path))
+
+
 def cmd_train_data(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -215,14 +226,9 @@ def cmd_train_data(args: argparse.Namespace) -> int:
         if args.server:
             raise TreeFlashError("--responses dataset writes the dataset's own replies and generates nothing; "
                                  "drop --server")
-        from transformers import AutoTokenizer
-
         from .data import dataset_responses
-        from .targets import DEFAULT_TARGET, default_target_path
 
-        name = args.target or DEFAULT_TARGET
-        path = default_target_path() if name == DEFAULT_TARGET else name
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        name, tokenizer = _target_tokenizer(args.target)
         counts = dataset_responses(tokenizer, kept, out, tokenizer.eos_token_id, max_new_tokens=args.max_new_tokens,
                                    max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
                                    target_name=name)
@@ -230,14 +236,9 @@ def cmd_train_data(args: argparse.Namespace) -> int:
         return 0
 
     if args.server:  # the target's tokenizer templates the prompts; a running server generates
-        from transformers import AutoTokenizer
-
         from .data import regenerate_via_server
-        from .targets import DEFAULT_TARGET, default_target_path
 
-        name = args.target or DEFAULT_TARGET
-        path = default_target_path() if name == DEFAULT_TARGET else name
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        name, tokenizer = _target_tokenizer(args.target)
         eos = tokenizer.eos_token_id
         counts = regenerate_via_server(args.server, tokenizer, kept, out, eos, model=args.server_model,
                                        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,

@@ -419,11 +419,12 @@ def dataset_responses(tokenizer, prompts: list[Prompt], out: str | Path, eos_tok
     meta = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
             "prompts": len(prompts), "target": target_name, "source": "dataset",
             "labels": "the dataset's own replies: train with --labels target"}
-    return _write_shards(tokenizer, prompts, out, meta, responses, progress)
+    return _write_shards(tokenizer, prompts, out, meta, responses, progress, desc="writing replies")
 
 
 def _write_shards(tokenizer, prompts: list[Prompt], out: str | Path, meta: dict,
-                  responses: Callable[[int, list[tuple[str, list[int]]]], list[list[int]]], progress: bool) -> dict:
+                  responses: Callable[[int, list[tuple[str, list[int]]]], list[list[int]]], progress: bool,
+                  desc: str = "regenerating") -> dict:
     """The resumable shard loop behind `regenerate` and `regenerate_via_server`: template the prompts, batch
     them `meta["batch_size"]` to a shard, and write `responses(shard index, [(id, prompt ids)])` for every
     shard not written yet."""
@@ -447,7 +448,6 @@ def _write_shards(tokenizer, prompts: list[Prompt], out: str | Path, meta: dict,
     size = meta["batch_size"]
     batches = [encoded[i:i + size] for i in range(0, len(encoded), size)]
     written = 0
-    desc = "writing replies" if meta.get("source") == "dataset" else "regenerating"
     bar = tqdm(total=len(batches), desc=desc, unit="batch", disable=not progress)
     for index, batch in enumerate(batches):
         path = _shard_path(out, index)

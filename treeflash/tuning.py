@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .decoding import DEFAULT_LOOKUP, DecodeConfig, Decoder, tau
+from .decoding import DecodeConfig, Decoder, resolve_lookup, tau
 from .errors import TreeFlashError
 from .packing import cpu_model
 from .targets import cache_dir
@@ -227,7 +227,7 @@ def tune(
             continue
         # Budgets (and m) are timed with the method's default lookup, then lookups at the best of them.
         default_m = decoder.drafter.config.candidate_tokens if method == "treeflash" else None
-        default_lookup = DEFAULT_LOOKUP.get(method, 0)
+        default_lookup = resolve_lookup(method, None)
         by_budget = [run(method, b, default_m, default_lookup) for b in budgets]
         top = max(by_budget, key=lambda s: s.tokens_per_second)
         if method == "treeflash":
