@@ -10,7 +10,7 @@ per prompt; greedy, so both produce the same tokens every time (checked).
         [--max-new-tokens 256] [--repeats 3] [--threads 2]
 
 Settings are DecodeConfig fields (ints where they parse as ints), plus `drafter=PATH` to compare drafters
-(default: the shipped one). Writes a Markdown table: per dataset and pooled, tau and tokens/s of each, and B / A.
+(default: the shipped one) and `drafter_dtype=bfloat16|float32` to compare the precision a drafter runs in. Writes a Markdown table: per dataset and pooled, tau and tokens/s of each, and B / A.
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     settings = {"A": parse_setting(args.a), "B": parse_setting(args.b)}
-    drafters = {k: v.get("drafter") for k, v in settings.items()}
-    configs = {k: DecodeConfig(max_new_tokens=args.max_new_tokens, **{f: x for f, x in v.items() if f != "drafter"})
+    loading = ("drafter", "drafter_dtype")  # arguments of `load`, not DecodeConfig fields
+    drafters = {k: tuple(v.get(f) for f in loading) for k, v in settings.items()}
+    configs = {k: DecodeConfig(max_new_tokens=args.max_new_tokens, **{f: x for f, x in v.items() if f not in loading})
                for k, v in settings.items()}
-    loaded = {path: load(drafter=path) for path in dict.fromkeys(drafters.values())}  # one target per drafter
+    loaded = {key: load(**dict(zip(loading, key))) for key in dict.fromkeys(drafters.values())}  # one per drafter
     decoders = {k: loaded[drafters[k]] for k in settings}
     for decoder in loaded.values():
         decoder.generate(decoder.target.encode_prompt("Hello"), DecodeConfig(max_new_tokens=16))  # warm-up
