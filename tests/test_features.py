@@ -13,6 +13,7 @@ from treeflash.features import FeatureCache, build_feature_cache, sequence_featu
 from treeflash.training import TrainConfig, target_pass, train
 
 from helpers import tiny_drafter, tiny_target
+from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
 from test_training import _fresh, _sequences
 
 
@@ -139,3 +140,95 @@ def test_head_training_reads_the_cache_for_its_kl_targets(tmp_path):
     assert torch.count_nonzero(drafter.ar_approximation.d.weight) > 0
     assert all(torch.equal(v, drafter.state_dict()[k]) for k, v in backbone.items())
     assert metrics["conditional_chain_tau"] >= 1.0
+
+
+# -- features captured while regenerating -------------------------------------------------------------
+
+
+def test_generating_captures_the_features_of_every_token_it_feeds():
+    """`generate_batch(capture_features=...)` keeps, for every token of prompt and response (the last included),
+    what one target pass over the whole sequence gives, and changes no token."""
+    from treeflash.decoding import DecodeConfig, Decoder
+
+    target = tiny_target("llama", dtype=torch.float32)
+    decoder = Decoder(target)
+    prompts = [[3 + (5 * i + j) % 40 for j in range(2 + 3 * i)] for i in range(4)]  # unequal lengths
+    configs = [DecodeConfig(method="ar", max_new_tokens=n, stop_at_eos=False) for n in (1, 9, 6, 12)]
+    plain = decoder.generate_batch(prompts, configs, max_batch=3)
+    layers = (1, 5, 3)
+    captured = decoder.generate_batch(prompts, configs, max_batch=3, capture_features=layers)
+    for p, r, c in zip(prompts, plain, captured):
+        assert c.token_ids == r.token_ids and r.features is None
+        tokens = torch.tensor(p + c.token_ids)
+        assert c.features.dtype == torch.float16 and c.features.shape == (len(tokens), 3 * target.hidden_size)
+        whole, _ = sequence_features(target, tokens, layers)
+        torch.testing.assert_close(c.features.float(), whole, atol=2e-3, rtol=2e-3)
+    with pytest.raises(TreeFlashError, match="for method 'ar'"):
+        Decoder(target, tiny_drafter(target)).generate_batch(prompts[:1], DecodeConfig(method="ddtree"),
+                                                             capture_features=layers)
+    with pytest.raises(TreeFlashError, match="not all layers of the target"):
+        decoder.generate_batch(prompts[:1], DecodeConfig(method="ar"), capture_features=(1, 99))
+
+
+def _tiny_model_and_tokenizer(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir)), AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def test_regeneration_writes_the_feature_cache_of_its_records(model_dir, tmp_path):  # noqa: F811
+    """`regenerate(features_out=...)`: shard i of the cache holds data shard i, as `treeflash train features`
+    would cache it; data shards written before without features get a feature pass, and so does a cache shard
+    lost to an interruption."""
+    from treeflash.data import Prompt, load_sequences, regenerate
+    from treeflash.targets import Target
+
+    model, tokenizer = _tiny_model_and_tokenizer(model_dir)
+    target = Target(model, tokenizer)
+    prompts = [Prompt(f"p{i}", " ".join(f"w{(7 * i + 3 * j) % 90 + 3}" for j in range(1 + i % 4))) for i in range(7)]
+    out, cache = tmp_path / "data", tmp_path / "features"
+    settings = dict(max_new_tokens=10, batch_size=3, progress=False)
+    regenerate(target, tokenizer, prompts[:3], out, **settings)  # one shard without features
+    counts = regenerate(target, tokenizer, prompts, out, features_out=cache, feature_layers=(0, 2), **settings)
+    assert counts["written_now"] == 4 and counts["feature_shards_filled"] == 1 and counts["shards"] == 3
+    records = load_sequences(out)
+    cached = FeatureCache(cache)
+    assert cached.layers == (0, 2) and json.loads((cache / "cache.json").read_text())["shard_sequences"] == 3
+    assert [(s.id, s.tokens, s.prompt_length) for s in cached.sequences] == \
+        [(s.id, s.tokens, s.prompt_length) for s in records]
+    build_feature_cache(target, records, tmp_path / "reference", layers=(0, 2), shard_sequences=3, progress=False)
+    reference = FeatureCache(tmp_path / "reference")
+    for x, y in zip(cached.sequences, reference.sequences):
+        torch.testing.assert_close(cached.features(x, (0, 2)), reference.features(y, (0, 2)), atol=4e-3, rtol=4e-3)
+        torch.testing.assert_close(cached.final(x), reference.final(y), atol=4e-3, rtol=4e-3)
+    # An interrupted run that lost a cache shard's index: the rerun regenerates nothing and refills it.
+    before = (out / "shard-00001.jsonl").read_text()
+    (cache / "shard-00001.json").unlink()
+    counts = regenerate(target, tokenizer, prompts, out, features_out=cache, feature_layers=(0, 2), **settings)
+    assert counts["written_now"] == 0 and counts["feature_shards_filled"] == 1
+    assert (out / "shard-00001.jsonl").read_text() == before and len(FeatureCache(cache).sequences) == 7
+    with pytest.raises(TreeFlashError, match="other settings"):
+        regenerate(target, tokenizer, prompts, out, features_out=cache, feature_layers=(1, 2), **settings)
+    with pytest.raises(TreeFlashError, match="needs the treeflash engine"):
+        regenerate(model, tokenizer, prompts, out, features_out=cache, engine="transformers", **settings)
+
+
+def test_train_data_cli_caches_features_that_training_reads(model_dir, tmp_path, capsys):  # noqa: F811
+    from treeflash.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"w{i + 3} w{2 * i + 5}"}) + "\n" for i in range(3)))
+    out, cache = tmp_path / "data", tmp_path / "features"
+    argv = ["train", "data", "--prompts", str(prompts), "--target", str(model_dir), "--out", str(out),
+            "--max-new-tokens", "5", "--batch-size", "2"]
+    assert main(argv + ["--features", str(cache)]) == 0
+    assert json.loads(capsys.readouterr().out)["feature_shards_filled"] == 0
+    assert len(FeatureCache(cache).sequences) == 3
+    assert main(["train", "drafter", "--features", str(cache), "--target", str(model_dir), "--out",
+                 str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--layers", "1"]) == 0
+    capsys.readouterr()
+    for extra, message in ((["--layers", "1,2"], "pass --features DIR too"),
+                           (["--features", str(cache), "--layers", "1,x"], "comma-separated layer numbers"),
+                           (["--features", str(cache), "--engine", "transformers"], "needs the treeflash engine")):
+        assert main(argv + extra) == 2
+        assert message in capsys.readouterr().err

@@ -203,6 +203,16 @@ def _target_tokenizer(target: str | None):
     return name, AutoTokenizer.from_pretrained(str(path))
 
 
+def _layers(text: str | None) -> tuple[int, ...] | None:
+    """--layers "1,8,14" -> (1, 8, 14); None stays None (the default layers)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise TreeFlashError(f"--layers takes comma-separated layer numbers, e.g. 1,8,14; got {text!r}") from None
+
+
 def cmd_train_data(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -212,6 +222,11 @@ def cmd_train_data(args: argparse.Namespace) -> int:
 
     if args.prompts in ("mtbench", "humaneval", "sharegpt-heldout"):
         raise TreeFlashError(f"{args.prompts} is an evaluation set; train on sharegpt or your own JSONL prompts")
+    if args.features and (args.server or args.responses == "dataset"):
+        raise TreeFlashError("--features captures the target's passes while it generates here; with --server or "
+                             "--responses dataset there are none: cache them afterwards with `treeflash train features`")
+    if args.layers and not args.features:
+        raise TreeFlashError("--layers chooses the layers --features caches; pass --features DIR too")
     prompts = load_prompts(args.prompts, limit=args.limit, skip=args.skip)
     kept, dropped = exclude_eval_prompts(prompts)
     out = Path(args.out)
@@ -249,7 +264,8 @@ def cmd_train_data(args: argparse.Namespace) -> int:
     target = load_target(args.target, dtype=parse_dtype(args.dtype))
     counts = regenerate(target, target.tokenizer, kept, out, max_new_tokens=args.max_new_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
-                        temperature=args.temperature, seed=args.seed, target_name=target.name, engine=args.engine)
+                        temperature=args.temperature, seed=args.seed, target_name=target.name, engine=args.engine,
+                        features_out=args.features, feature_layers=_layers(args.layers))
     print(json.dumps(counts))
     return 0
 
@@ -264,8 +280,7 @@ def cmd_train_features(args: argparse.Namespace) -> int:
     from .training import DEFAULT_TARGET_LAYERS
 
     target = load_target(args.target)
-    layers = (tuple(int(i) for i in args.layers.split(",")) if args.layers
-              else default_target_layer_ids(target.num_layers, DEFAULT_TARGET_LAYERS))
+    layers = _layers(args.layers) or default_target_layer_ids(target.num_layers, DEFAULT_TARGET_LAYERS)
     if args.skip < 0 or (args.limit is not None and args.limit < 1):
         raise TreeFlashError(f"--skip must be 0 or more and --limit 1 or more; got --skip {args.skip} "
                              f"--limit {args.limit}")
@@ -627,6 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server (default: 8)")
     d.add_argument("--retries", type=int, default=5,
                    help="tries again after a failed request, with backoff, with --server (default: 5)")
+    d.add_argument("--features", default=None,
+                   help="also write a feature cache (as `treeflash train features` makes) to this directory, taken "
+                        "from the passes that generate: training data and its features for the price of one "
+                        "target pass; shards regenerated before without it get a feature pass first")
+    d.add_argument("--layers", default=None,
+                   help="with --features: comma-separated target layers to cache (default: those a new drafter "
+                        "reads)")
     d.set_defaults(func=cmd_train_data)
     from .features import DEFAULT_SHARD_SEQUENCES
 

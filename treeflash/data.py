@@ -278,6 +278,8 @@ def regenerate(
     progress: bool = True,
     target_name: str | None = None,
     engine: str = "treeflash",
+    features_out: str | Path | None = None,
+    feature_layers: tuple[int, ...] | None = None,
 ) -> dict:
     """Write the target's responses to `prompts` as JSONL shards of `batch_size` records in `out`.
 
@@ -295,17 +297,33 @@ def regenerate(
     "transformers" with `model.generate` (left-padded batches). At T = 0 both give the same responses up to
     float rounding at near-ties (32 of 32 identical on the default model); ours made 162 tokens/s against 65 on
     a 2-core AMD EPYC (float32, 32 ShareGPT prompts x 128 tokens). A directory keeps the engine it was made with.
+
+    `features_out`: also write a feature cache of the records (`treeflash.features`; shard i of the cache holds
+    shard i of the data) of `feature_layers` (default: those a new drafter reads), taken from the passes that
+    generate the responses instead of a second target pass (`treeflash train features`). Shards regenerated
+    before without it get a feature pass first. Only with the "treeflash" engine.
     """
     if engine not in REGENERATION_ENGINES:
         raise TreeFlashError(f"unknown engine {engine!r}; choose one of {', '.join(REGENERATION_ENGINES)}")
+    if features_out is not None and engine != "treeflash":
+        raise TreeFlashError("capturing features while regenerating needs the treeflash engine; drop --engine "
+                             "transformers, or cache them afterwards with `treeflash train features`")
     from .targets import Target
 
     target = model if isinstance(model, Target) else None  # a loaded Target: its packed weights are reused
     model = target.model if target is not None else model
+    meta = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
+            "temperature": temperature, "seed": seed, "prompts": len(prompts),
+            "target": target_name or getattr(model.config, "_name_or_path", None), "dtype": str(model.dtype),
+            "engine": engine}
+    capture = None
     if engine == "treeflash":
         from .decoding import DecodeConfig, Decoder
 
         decoder = Decoder(target or Target(model, tokenizer, name=target_name))
+        if features_out is not None:
+            capture = _FeatureCapture(decoder.target, features_out, feature_layers, batch_size, out, progress)
+            capture.fill(out)  # shards regenerated earlier without features
 
     def responses(index: int, batch: list[tuple[str, list[int]]]) -> list[list[int]]:
         prompt_ids = [ids for _, ids in batch]
@@ -314,13 +332,65 @@ def regenerate(
             return transformers_responses(model, tokenizer, prompt_ids, max_new_tokens, temperature)
         configs = [DecodeConfig(method="ar", max_new_tokens=max_new_tokens, temperature=temperature,
                                 seed=seed * 100_003 + index * batch_size + i) for i in range(len(batch))]
-        return [r.token_ids for r in decoder.generate_batch(prompt_ids, configs, max_batch=len(batch))]
+        results = decoder.generate_batch(prompt_ids, configs, max_batch=len(batch),
+                                         capture_features=capture.wanted if capture else ())
+        if capture is not None:  # written before the data shard, so a shard of data always has its features
+            capture.write(index, batch, results)
+        return [r.token_ids for r in results]
 
-    meta = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size,
-            "temperature": temperature, "seed": seed, "prompts": len(prompts),
-            "target": target_name or getattr(model.config, "_name_or_path", None), "dtype": str(model.dtype),
-            "engine": engine}
-    return _write_shards(tokenizer, prompts, out, meta, responses, progress)
+    counts = _write_shards(tokenizer, prompts, out, meta, responses, progress)
+    if capture is not None:
+        capture.fill(out)
+        counts["feature_shards_filled"] = capture.filled
+    return counts
+
+
+class _FeatureCapture:
+    """`regenerate`'s feature cache: shard i holds the features of data shard i, from the generating passes."""
+
+    def __init__(self, target, out: str | Path, layers: tuple[int, ...] | None, batch_size: int, source: str | Path,
+                 progress: bool):
+        from .drafters import default_target_layer_ids
+        from .features import check_disk, start_feature_cache
+        from .training import DEFAULT_TARGET_LAYERS
+
+        self.target, self.progress, self.filled = target, progress, 0
+        self.layers = tuple(layers) if layers else default_target_layer_ids(target.num_layers, DEFAULT_TARGET_LAYERS)
+        last = target.num_layers - 1
+        self.wanted = self.layers + ((last,) if last not in self.layers else ())  # the last: the final state
+        self.out = start_feature_cache(target, out, self.layers, batch_size, source=str(source))
+        check_disk(self.out, batch_size * 1024, len(self.layers), target.hidden_size)  # at least a shard's worth
+
+    def write(self, index: int, batch: list[tuple[str, list[int]]], results) -> None:
+        from .features import write_shard
+
+        H, k = self.target.hidden_size, len(self.layers)
+        last = self.wanted.index(self.target.num_layers - 1)
+        shard = [Sequence(pid, ids + r.token_ids, len(ids)) for (pid, ids), r in zip(batch, results)]
+        arrays = ((r.features[:, : k * H],
+                   self.target.final_norm(r.features[:, last * H:(last + 1) * H].float())) for r in results)
+        write_shard(self.out, index, shard, arrays, k, H)
+
+    def fill(self, data: str | Path) -> int:
+        """Cache, by a target pass, the features of data shards that have none yet; returns how many."""
+        from tqdm.auto import tqdm
+
+        from .features import cache_shard, shard_done
+
+        todo = []
+        for index, path in enumerate(sorted(Path(data).glob("shard-*.jsonl"))):
+            if path.name != _shard_path(Path(data), index).name:
+                break  # shards are written in order; a gap ends what can be aligned
+            shard = _load_one(path, None)
+            if not shard_done(self.out, index, shard):
+                todo.append((index, shard))
+        bar = tqdm(total=sum(len(s.tokens) for _, shard in todo for s in shard), desc="features of earlier shards",
+                   unit="tok", unit_scale=True, disable=not self.progress or not todo)
+        for index, shard in todo:
+            cache_shard(self.target, shard, self.out, index, self.layers, bar)
+        bar.close()
+        self.filled += len(todo)
+        return len(todo)
 
 
 def transformers_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,

@@ -126,6 +126,9 @@ class DecodeResult:
     seed: int | None  # the sampling seed actually used (None when greedy)
     text: str | None = None
     lookup: int = 0  # n-gram lookup tokens grafted per round at most (0 = off)
+    # [prompt + new tokens, k*H] float16: the target's outputs of the layers asked for by
+    # `generate_batch(capture_features=...)` at every token (None unless asked for)
+    features: Tensor | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -241,6 +244,8 @@ class Generation:
     committed: list[int] = dataclasses.field(default_factory=list)  # new tokens so far
     acceptance: list[int] = dataclasses.field(default_factory=list)  # accepted drafted tokens per round
     features: Tensor | None = None  # [c, k*H]: context features the drafter has not seen yet
+    # capture_features: every round's `features` in float16 (None: not captured; see `Decoder.generate_batch`)
+    captured: list[Tensor] | None = None
     stop: str | None = None  # why it ended (see DecodeResult.stop_reason); None while in progress
     error: BaseException | None = None  # what `on_tokens` raised, if it did (stop reason "error")
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
@@ -270,6 +275,7 @@ class Generation:
             seed=None if self.sampling.greedy else self.sampling.seed,
             text=text,
             lookup=self.lookup,
+            features=torch.cat(self.captured) if self.captured else None,
         )
 
     def _commit(self, new: list[int]) -> None:
@@ -336,24 +342,58 @@ class Decoder:
         prompts: Sequence[list[int]],
         config: DecodeConfig | Sequence[DecodeConfig] | None = None,
         max_batch: int = 8,
+        capture_features: tuple[int, ...] = (),
     ) -> list[DecodeResult]:
         """Generate from several prompts (token ids), at most `max_batch` at once: their rounds share the
         drafter's and the target's passes, and a prompt starts as soon as another finishes. `config` is one
         DecodeConfig for all, or one per prompt (methods, budgets and sampling may differ). Each result equals
-        `generate` on that prompt alone (up to float rounding at genuine near-ties, as between methods)."""
+        `generate` on that prompt alone (up to float rounding at genuine near-ties, as between methods).
+
+        capture_features: target layers (0-based) whose outputs each result keeps for every token of its prompt
+        and response (`DecodeResult.features`, float16), for a feature cache made while regenerating
+        (`treeflash.features`): the passes that generate compute them anyway, and one more pass over the last
+        tokens adds theirs. Only for `ar`."""
         configs = list(config) if isinstance(config, (list, tuple)) else [config] * len(prompts)
         if len(configs) != len(prompts):
             raise TreeFlashError(f"got {len(configs)} configs for {len(prompts)} prompts; pass one, or one per prompt")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise TreeFlashError(f"max_batch must be a whole number >= 1; got {max_batch!r}")
         generations = [self.start(p, c) for p, c in zip(prompts, configs)]  # validates every prompt first
+        if capture_features:
+            self._capture(generations, tuple(capture_features))
         waiting, active = list(generations), []
         while waiting or active:
             while waiting and len(active) < max_batch:
                 active.append(waiting.pop(0))
             self.step(active)
             active = [g for g in active if not g.done]
+        if capture_features:
+            self._capture_last(generations)
         return [g.result(self.target.tokenizer) for g in generations]
+
+    def _capture(self, generations: list[Generation], layers: tuple[int, ...]) -> None:
+        """Make `step` keep the target's outputs of `layers` for every token these generations feed it."""
+        if any(g.method != "ar" for g in generations):
+            raise TreeFlashError("capturing target features is for method 'ar' (regeneration); the other methods "
+                                 "read the drafter's layers")
+        if not layers or min(layers) < 0 or max(layers) >= self.target.num_layers:
+            raise TreeFlashError(f"feature layers {list(layers)} are not all layers of the target "
+                                 f"(0..{self.target.num_layers - 1}); choose layers it has")
+        for g in generations:
+            g.feature_layers, g.captured = layers, []
+
+    @torch.inference_mode()
+    def _capture_last(self, generations: list[Generation]) -> None:
+        """The features of each generation's last token, which generating never feeds to the target (it is the
+        root of the round that was not run): one pass over all of them, nothing committed to the caches."""
+        live = [g for g in generations if g.committed]
+        device = self.target.device
+        segments = [Segment(torch.tensor(g.committed[-1:], device=device),
+                            torch.tensor([g.cache.length], device=device), g.cache, logits_rows=None)
+                    for g in live]
+        for g, out in zip(live, self.target.forward_batch(segments, feature_layers=live[0].feature_layers)
+                          if live else ()):
+            g.captured.append(out.features.to(torch.float16))
 
     def start(self, prompt_ids: list[int], config: DecodeConfig | None = None,
               on_tokens: Callable[[list[int]], bool | None] | None = None) -> Generation:
@@ -439,6 +479,8 @@ class Decoder:
             g.cache.compact(keep)
             if g.feature_layers:
                 g.features = out.features[keep]
+                if g.captured is not None:
+                    g.captured.append(g.features.to(torch.float16))
             g.acceptance.append(len(accepted.tokens))
             committed.append(accepted.committed)
         clock.lap("verify")
@@ -446,6 +488,8 @@ class Decoder:
             n = len(g.prompt_ids)
             g.cache.advance(n)
             g.features = out.features  # [n, k*H]: context the drafter has not seen yet
+            if g.captured is not None:
+                g.captured.append(g.features.to(torch.float16))
             committed.append([int(choose_tokens(out.logits, torch.tensor([n]), g.sampling)[0])])
         clock.lap("prefill")
         for g, tokens in zip(rounds + new, committed):

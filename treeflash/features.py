@@ -81,6 +81,25 @@ def build_feature_cache(
     if not layers or min(layers) < 0 or max(layers) >= target.num_layers:
         raise TreeFlashError(f"feature layers {list(layers)} are not all layers of target {target.name!r} "
                              f"(0..{target.num_layers - 1}); choose layers the target has")
+    out = start_feature_cache(target, out, layers, shard_sequences, source)
+    k, n = part
+    shards, todo = plan_feature_cache(sequences, out, shard_sequences)
+    todo = [i for i in todo if i % n == k]
+    check_disk(out, sum(len(s.tokens) for i in todo for s in shards[i]), len(layers), target.hidden_size)
+    mine = [i for i in range(len(shards)) if i % n == k]
+    bar = tqdm(total=sum(len(s.tokens) for i in mine for s in shards[i]), desc="caching features", unit="tok",
+               unit_scale=True, disable=not progress)
+    bar.update(sum(len(s.tokens) for i in mine if i not in todo for s in shards[i]))
+    for index in todo:
+        cache_shard(target, shards[index], out, index, layers, bar)
+    bar.close()
+    return {"sequences": len(sequences), "tokens": sum(len(s.tokens) for s in sequences),
+            "shards": len(shards), "written_now": len(todo)}
+
+
+def start_feature_cache(target: Target, out: str | Path, layers: tuple[int, ...], shard_sequences: int,
+                        source: str | None = None) -> Path:
+    """Create `out` with its cache.json, or check that the cache already there was made with these settings."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"target": target.name, "layers": list(layers), "hidden_size": target.hidden_size,
@@ -91,22 +110,10 @@ def build_feature_cache(
         old = json.loads(meta_file.read_text())
         if {k: old.get(k) for k in meta if k != "source"} != {k: v for k, v in meta.items() if k != "source"}:
             raise TreeFlashError(f"{out} holds features cached with other settings (target {old.get('target')!r}, "
-                                 f"layers {old.get('layers')}); use a new output directory")
+                                 f"layers {old.get('layers')}, {old.get('shard_sequences')} sequences a shard); "
+                                 "use a new output directory")
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")
-
-    k, n = part
-    shards, todo = plan_feature_cache(sequences, out, shard_sequences)
-    todo = [i for i in todo if i % n == k]
-    check_disk(out, sum(len(s.tokens) for i in todo for s in shards[i]), len(layers), target.hidden_size)
-    mine = [i for i in range(len(shards)) if i % n == k]
-    bar = tqdm(total=sum(len(s.tokens) for i in mine for s in shards[i]), desc="caching features", unit="tok",
-               unit_scale=True, disable=not progress)
-    bar.update(sum(len(s.tokens) for i in mine if i not in todo for s in shards[i]))
-    for index in todo:
-        _write_shard(target, shards[index], out, index, layers, bar)
-    bar.close()
-    return {"sequences": len(sequences), "tokens": sum(len(s.tokens) for s in sequences),
-            "shards": len(shards), "written_now": len(todo)}
+    return out
 
 
 def shards_done_tokens(out: str | Path, shards: list[list[Sequence]]) -> int:
@@ -131,6 +138,11 @@ def check_disk(out: str | Path, tokens: int, num_layers: int, hidden_size: int) 
                              "(--limit) or choose another --out")
 
 
+def shard_done(out: str | Path, index: int, shard: list[Sequence]) -> bool:
+    """Whether `out` holds shard `index` finished, with exactly these sequences."""
+    return _shard_done(Path(out), index, shard)
+
+
 def _shard_done(out: Path, index: int, shard: list[Sequence]) -> bool:
     path = out / f"{_shard_name(index)}.json"
     if not path.exists():
@@ -139,26 +151,42 @@ def _shard_done(out: Path, index: int, shard: list[Sequence]) -> bool:
     return [(e["id"], e["length"]) for e in entries] == [(s.id, len(s.tokens)) for s in shard]
 
 
-def _write_shard(target: Target, shard: list[Sequence], out: Path, index: int, layers: tuple[int, ...], bar) -> None:
+def cache_shard(target: Target, shard: list[Sequence], out: str | Path, index: int, layers: tuple[int, ...],
+                bar=None) -> None:
+    """Write shard `index` of a feature cache by one target pass per sequence of `shard` (`bar`: a tqdm bar to
+    advance by their tokens)."""
+    def passes():  # one target pass per sequence, as the shard is written
+        for seq in shard:
+            yield sequence_features(target, torch.tensor(seq.tokens, device=target.device), layers)
+            if bar is not None:
+                bar.update(len(seq.tokens))
+
+    write_shard(out, index, shard, passes(), len(layers), target.hidden_size)
+
+
+def write_shard(out: str | Path, index: int, shard: list[Sequence], arrays, num_layers: int, hidden_size: int) -> None:
+    """Write shard `index` of a feature cache: `arrays` gives, for each sequence of `shard` in turn, its
+    (features [L, k*H], final [L, H]) over all its L tokens (any float dtype; stored as float16)."""
+    out = Path(out)
     total = sum(len(s.tokens) for s in shard)
-    H = target.hidden_size
+    H = hidden_size
     name = _shard_name(index)
     # Written under temporary names and renamed; the index goes last, so a shard without one is redone.
     tmp = {kind: out / f"{name}.{kind}.tmp.npy" for kind in ("tokens", "features", "final")}
     tokens = np.lib.format.open_memmap(tmp["tokens"], mode="w+", dtype=np.int32, shape=(total,))
-    features = np.lib.format.open_memmap(tmp["features"], mode="w+", dtype=np.float16, shape=(total, len(layers) * H))
+    features = np.lib.format.open_memmap(tmp["features"], mode="w+", dtype=np.float16, shape=(total, num_layers * H))
     final = np.lib.format.open_memmap(tmp["final"], mode="w+", dtype=np.float16, shape=(total, H))
     entries, offset = [], 0
-    for seq in shard:
-        ids = torch.tensor(seq.tokens, device=target.device)
-        f, z = sequence_features(target, ids, layers)
+    for seq, (f, z) in zip(shard, arrays, strict=True):
         n = len(seq.tokens)
+        if f.shape != (n, num_layers * H) or z.shape != (n, H):
+            raise ValueError(f"features {tuple(f.shape)} and final {tuple(z.shape)} for {seq.id!r} do not cover its "
+                             f"{n} tokens")
         tokens[offset:offset + n] = np.asarray(seq.tokens, dtype=np.int32)
         features[offset:offset + n] = f.to(torch.float16).cpu().numpy()
         final[offset:offset + n] = z.to(torch.float16).cpu().numpy()
         entries.append({"id": seq.id, "offset": offset, "length": n, "prompt_length": seq.prompt_length})
         offset += n
-        bar.update(n)
     for array in (tokens, features, final):
         array.flush()
     del tokens, features, final
