@@ -178,8 +178,8 @@ def _tiny_model_and_tokenizer(model_dir):
 
 def test_regeneration_writes_the_feature_cache_of_its_records(model_dir, tmp_path):  # noqa: F811
     """`regenerate(features_out=...)`: shard i of the cache holds data shard i, as `treeflash train features`
-    would cache it; data shards written before without features get a feature pass, and so does a cache shard
-    lost to an interruption."""
+    would cache it; data shards written before without features get a feature pass at the end, and so does a
+    cache shard lost to an interruption."""
     from treeflash.data import Prompt, load_sequences, regenerate
     from treeflash.targets import Target
 
@@ -204,6 +204,8 @@ def test_regeneration_writes_the_feature_cache_of_its_records(model_dir, tmp_pat
     # An interrupted run that lost a cache shard's index: the rerun regenerates nothing and refills it.
     before = (out / "shard-00001.jsonl").read_text()
     (cache / "shard-00001.json").unlink()
+    # Until then the cache reads the shards it has, around the gap.
+    assert [s.id for s in FeatureCache(cache).sequences] == [s.id for s in records[:3] + records[6:]]
     counts = regenerate(target, tokenizer, prompts, out, features_out=cache, feature_layers=(0, 2), **settings)
     assert counts["written_now"] == 0 and counts["feature_shards_filled"] == 1
     assert (out / "shard-00001.jsonl").read_text() == before and len(FeatureCache(cache).sequences) == 7

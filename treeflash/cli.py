@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--features", default=None,
                    help="also write a feature cache (as `treeflash train features` makes) to this directory, taken "
                         "from the passes that generate: training data and its features for the price of one "
-                        "target pass; shards regenerated before without it get a feature pass first")
+                        "target pass; data shards written without it get a feature pass at the end")
     d.add_argument("--layers", default=None,
                    help="with --features: comma-separated target layers to cache (default: those a new drafter "
                         "reads)")

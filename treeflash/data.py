@@ -300,8 +300,9 @@ def regenerate(
 
     `features_out`: also write a feature cache of the records (`treeflash.features`; shard i of the cache holds
     shard i of the data) of `feature_layers` (default: those a new drafter reads), taken from the passes that
-    generate the responses instead of a second target pass (`treeflash train features`). Shards regenerated
-    before without it get a feature pass first. Only with the "treeflash" engine.
+    generate the responses instead of a second target pass (`treeflash train features`). Data shards written
+    without it (before, or by an interrupted run) get a feature pass at the end. Only with the "treeflash"
+    engine.
     """
     if engine not in REGENERATION_ENGINES:
         raise TreeFlashError(f"unknown engine {engine!r}; choose one of {', '.join(REGENERATION_ENGINES)}")
@@ -323,7 +324,6 @@ def regenerate(
         decoder = Decoder(target or Target(model, tokenizer, name=target_name))
         if features_out is not None:
             capture = _FeatureCapture(decoder.target, features_out, feature_layers, batch_size, out, progress)
-            capture.fill(out)  # shards regenerated earlier without features
 
     def responses(index: int, batch: list[tuple[str, list[int]]]) -> list[list[int]]:
         prompt_ids = [ids for _, ids in batch]
@@ -339,9 +339,8 @@ def regenerate(
         return [r.token_ids for r in results]
 
     counts = _write_shards(tokenizer, prompts, out, meta, responses, progress)
-    if capture is not None:
-        capture.fill(out)
-        counts["feature_shards_filled"] = capture.filled
+    if capture is not None:  # last, so that new data comes first: the cache reads the shards it has
+        counts["feature_shards_filled"] = capture.fill(out)
     return counts
 
 
@@ -354,7 +353,7 @@ class _FeatureCapture:
         from .features import check_disk, start_feature_cache
         from .training import DEFAULT_TARGET_LAYERS
 
-        self.target, self.progress, self.filled = target, progress, 0
+        self.target, self.progress = target, progress
         self.layers = tuple(layers) if layers else default_target_layer_ids(target.num_layers, DEFAULT_TARGET_LAYERS)
         last = target.num_layers - 1
         self.wanted = self.layers + ((last,) if last not in self.layers else ())  # the last: the final state
@@ -389,7 +388,6 @@ class _FeatureCapture:
         for index, shard in todo:
             cache_shard(self.target, shard, self.out, index, self.layers, bar)
         bar.close()
-        self.filled += len(todo)
         return len(todo)
 
 

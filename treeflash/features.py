@@ -230,16 +230,17 @@ class FeatureCache:
             elif any(meta.get(k) != self.meta.get(k) for k in ("layers", "hidden_size", "num_target_layers", "vocab_size")):
                 raise TreeFlashError(f"the feature caches {self.path} and {directory} hold different targets or "
                                      "layers; combine only caches made with the same target and --layers")
-            index = 0
-            while (directory / f"{_shard_name(index)}.json").exists():
+            # Every finished shard (its index written last), in order; a shard still being written, or lost to an
+            # interruption, is a gap that the others do not wait for.
+            for index_file in sorted(directory.glob("shard-[0-9][0-9][0-9][0-9][0-9].json")):
                 shard = len(self._shard_prefixes)
-                self._shard_prefixes.append(directory / _shard_name(index))
-                tokens = np.load(directory / f"{_shard_name(index)}.tokens.npy", mmap_mode="r")
-                for e in json.loads((directory / f"{_shard_name(index)}.json").read_text()):
+                prefix = index_file.with_suffix("")
+                self._shard_prefixes.append(prefix)
+                tokens = np.load(f"{prefix}.tokens.npy", mmap_mode="r")
+                for e in json.loads(index_file.read_text()):
                     ids = tokens[e["offset"]:e["offset"] + e["length"]].tolist()
                     self.sequences.append(CachedSequence(e["id"], ids, e["prompt_length"], shard=shard,
                                                          offset=e["offset"]))
-                index += 1
         self.layers = tuple(self.meta["layers"])
         if not self.sequences:
             raise TreeFlashError(f"{path} holds no finished shard yet; let `treeflash train features` run longer")
