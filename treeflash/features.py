@@ -118,14 +118,14 @@ def start_feature_cache(target: Target, out: str | Path, layers: tuple[int, ...]
 
 def shards_done_tokens(out: str | Path, shards: list[list[Sequence]]) -> int:
     """Tokens of the shards that `out` holds finished (for a progress bar over several processes)."""
-    return sum(len(s.tokens) for i, shard in enumerate(shards) if _shard_done(Path(out), i, shard) for s in shard)
+    return sum(len(s.tokens) for i, shard in enumerate(shards) if shard_done(Path(out), i, shard) for s in shard)
 
 
 def plan_feature_cache(sequences: list[Sequence], out: str | Path,
                        shard_sequences: int = DEFAULT_SHARD_SEQUENCES) -> tuple[list[list[Sequence]], list[int]]:
     """(the shards of `sequences`, the indices of those `out` does not hold yet)."""
     shards = [sequences[i:i + shard_sequences] for i in range(0, len(sequences), shard_sequences)]
-    return shards, [i for i, shard in enumerate(shards) if not _shard_done(Path(out), i, shard)]
+    return shards, [i for i, shard in enumerate(shards) if not shard_done(Path(out), i, shard)]
 
 
 def check_disk(out: str | Path, tokens: int, num_layers: int, hidden_size: int) -> None:
@@ -140,11 +140,7 @@ def check_disk(out: str | Path, tokens: int, num_layers: int, hidden_size: int) 
 
 def shard_done(out: str | Path, index: int, shard: list[Sequence]) -> bool:
     """Whether `out` holds shard `index` finished, with exactly these sequences."""
-    return _shard_done(Path(out), index, shard)
-
-
-def _shard_done(out: Path, index: int, shard: list[Sequence]) -> bool:
-    path = out / f"{_shard_name(index)}.json"
+    path = Path(out) / f"{_shard_name(index)}.json"
     if not path.exists():
         return False
     entries = json.loads(path.read_text())
