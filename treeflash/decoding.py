@@ -237,7 +237,7 @@ class Generation:
     eos: frozenset[int]  # tokens that end the generation
     cache: KVCache  # the target's
     dcache: KVCache | None  # the drafter's (None for ar)
-    feature_layers: tuple[int, ...]  # target layers the drafter reads (() for ar)
+    feature_layers: tuple[int, ...]  # target layers the drafter reads, or those captured (() for plain ar)
     on_tokens: Callable[[list[int]], bool | None] | None = None
     ngrams: NgramIndex | None = None  # prompt + committed tokens, indexed for n-gram lookup (None: lookup off)
     lookup: int = 0  # tokens an n-gram lookup grafts per round at most
