@@ -350,45 +350,34 @@ class _FeatureCapture:
     def __init__(self, target, out: str | Path, layers: tuple[int, ...] | None, batch_size: int, source: str | Path,
                  progress: bool):
         from .drafters import default_target_layer_ids
-        from .features import check_disk, start_feature_cache
+        from .features import start_feature_cache
         from .training import DEFAULT_TARGET_LAYERS
 
-        self.target, self.progress = target, progress
+        self.target, self.progress, self.batch_size = target, progress, batch_size
         self.layers = tuple(layers) if layers else default_target_layer_ids(target.num_layers, DEFAULT_TARGET_LAYERS)
         last = target.num_layers - 1
         self.wanted = self.layers + ((last,) if last not in self.layers else ())  # the last: the final state
         self.out = start_feature_cache(target, out, self.layers, batch_size, source=str(source))
-        check_disk(self.out, batch_size * 1024, len(self.layers), target.hidden_size)  # at least a shard's worth
 
     def write(self, index: int, batch: list[tuple[str, list[int]]], results) -> None:
-        from .features import write_shard
+        from .features import check_disk, write_shard
 
         H, k = self.target.hidden_size, len(self.layers)
         last = self.wanted.index(self.target.num_layers - 1)
         shard = [Sequence(pid, ids + r.token_ids, len(ids)) for (pid, ids), r in zip(batch, results)]
+        check_disk(self.out, sum(len(s.tokens) for s in shard), k, H)
         arrays = ((r.features[:, : k * H],
                    self.target.final_norm(r.features[:, last * H:(last + 1) * H].float())) for r in results)
         write_shard(self.out, index, shard, arrays, k, H)
 
     def fill(self, data: str | Path) -> int:
-        """Cache, by a target pass, the features of data shards that have none yet; returns how many."""
-        from tqdm.auto import tqdm
+        """Cache, by a target pass, the features of data shards that have none yet; returns how many. The data's
+        shards hold `batch_size` records each but the last, so `build_feature_cache` at that shard size plans
+        exactly the data's shards."""
+        from .features import build_feature_cache
 
-        from .features import cache_shard, shard_done
-
-        todo = []
-        for index, path in enumerate(sorted(Path(data).glob("shard-*.jsonl"))):
-            if path.name != _shard_path(Path(data), index).name:
-                break  # shards are written in order; a gap ends what can be aligned
-            shard = _load_one(path, None)
-            if not shard_done(self.out, index, shard):
-                todo.append((index, shard))
-        bar = tqdm(total=sum(len(s.tokens) for _, shard in todo for s in shard), desc="features of earlier shards",
-                   unit="tok", unit_scale=True, disable=not self.progress or not todo)
-        for index, shard in todo:
-            cache_shard(self.target, shard, self.out, index, self.layers, bar)
-        bar.close()
-        return len(todo)
+        return build_feature_cache(self.target, _load_one(Path(data), None), self.out, self.layers, self.batch_size,
+                                   source=str(data), progress=self.progress)["written_now"]
 
 
 def transformers_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,

@@ -387,12 +387,13 @@ class Decoder:
         """The features of each generation's last token, which generating never feeds to the target (it is the
         root of the round that was not run): one pass over all of them, nothing committed to the caches."""
         live = [g for g in generations if g.committed]
+        if not live:
+            return
         device = self.target.device
         segments = [Segment(torch.tensor(g.committed[-1:], device=device),
                             torch.tensor([g.cache.length], device=device), g.cache, logits_rows=None)
                     for g in live]
-        for g, out in zip(live, self.target.forward_batch(segments, feature_layers=live[0].feature_layers)
-                          if live else ()):
+        for g, out in zip(live, self.target.forward_batch(segments, feature_layers=live[0].feature_layers)):
             g.captured.append(out.features.to(torch.float16))
 
     def start(self, prompt_ids: list[int], config: DecodeConfig | None = None,

@@ -91,7 +91,7 @@ def build_feature_cache(
                unit_scale=True, disable=not progress)
     bar.update(sum(len(s.tokens) for i in mine if i not in todo for s in shards[i]))
     for index in todo:
-        cache_shard(target, shards[index], out, index, layers, bar)
+        _cache_shard(target, shards[index], out, index, layers, bar)
     bar.close()
     return {"sequences": len(sequences), "tokens": sum(len(s.tokens) for s in sequences),
             "shards": len(shards), "written_now": len(todo)}
@@ -118,14 +118,14 @@ def start_feature_cache(target: Target, out: str | Path, layers: tuple[int, ...]
 
 def shards_done_tokens(out: str | Path, shards: list[list[Sequence]]) -> int:
     """Tokens of the shards that `out` holds finished (for a progress bar over several processes)."""
-    return sum(len(s.tokens) for i, shard in enumerate(shards) if shard_done(Path(out), i, shard) for s in shard)
+    return sum(len(s.tokens) for i, shard in enumerate(shards) if _shard_done(Path(out), i, shard) for s in shard)
 
 
 def plan_feature_cache(sequences: list[Sequence], out: str | Path,
                        shard_sequences: int = DEFAULT_SHARD_SEQUENCES) -> tuple[list[list[Sequence]], list[int]]:
     """(the shards of `sequences`, the indices of those `out` does not hold yet)."""
     shards = [sequences[i:i + shard_sequences] for i in range(0, len(sequences), shard_sequences)]
-    return shards, [i for i, shard in enumerate(shards) if not shard_done(Path(out), i, shard)]
+    return shards, [i for i, shard in enumerate(shards) if not _shard_done(Path(out), i, shard)]
 
 
 def check_disk(out: str | Path, tokens: int, num_layers: int, hidden_size: int) -> None:
@@ -138,7 +138,7 @@ def check_disk(out: str | Path, tokens: int, num_layers: int, hidden_size: int) 
                              "(--limit) or choose another --out")
 
 
-def shard_done(out: str | Path, index: int, shard: list[Sequence]) -> bool:
+def _shard_done(out: str | Path, index: int, shard: list[Sequence]) -> bool:
     """Whether `out` holds shard `index` finished, with exactly these sequences."""
     path = Path(out) / f"{_shard_name(index)}.json"
     if not path.exists():
@@ -147,7 +147,7 @@ def shard_done(out: str | Path, index: int, shard: list[Sequence]) -> bool:
     return [(e["id"], e["length"]) for e in entries] == [(s.id, len(s.tokens)) for s in shard]
 
 
-def cache_shard(target: Target, shard: list[Sequence], out: str | Path, index: int, layers: tuple[int, ...],
+def _cache_shard(target: Target, shard: list[Sequence], out: str | Path, index: int, layers: tuple[int, ...],
                 bar=None) -> None:
     """Write shard `index` of a feature cache by one target pass per sequence of `shard` (`bar`: a tqdm bar to
     advance by their tokens)."""
