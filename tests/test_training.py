@@ -254,6 +254,36 @@ def test_max_sequences_pins_the_data(tmp_path):
     assert again["step"] == 2
 
 
+def test_held_out_files_pin_the_validation_records(tmp_path):
+    target = tiny_target("llama", dtype=torch.float32)
+    (tmp_path / "a.json").write_text(json.dumps(["s1"]))
+    (tmp_path / "b.json").write_text(json.dumps(["s4"]))
+    metrics = train(_fresh(target), target, _sequences(target, count=6),
+                    _config(epochs=1, held_out=f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}"),
+                    tmp_path / "run", progress=False, log=lambda m: None)
+    assert json.loads((tmp_path / "run" / "held_out.json").read_text()) == ["s1", "s4"]
+    assert metrics["total_steps"] == 4  # 6 sequences, the 2 named ones held out
+    # The hashed split of the same data holds out other records, so the files decided.
+    assert {s.id for s in split_validation(_sequences(target, count=6), 2)[0]} != {"s1", "s4"}
+
+
+def test_held_out_files_must_match_the_data(tmp_path):
+    target = tiny_target("llama", dtype=torch.float32)
+    (tmp_path / "h.json").write_text(json.dumps(["s1", "elsewhere"]))
+    with pytest.raises(TreeFlashError, match="1 of the 2 held-out records .*elsewhere.* are not in this data"):
+        train(_fresh(target), target, _sequences(target, count=6), _config(held_out=str(tmp_path / "h.json")),
+              tmp_path / "run", progress=False, log=lambda m: None)
+    (tmp_path / "all.json").write_text(json.dumps([f"s{i}" for i in range(3)]))
+    with pytest.raises(TreeFlashError, match="nothing to train on"):
+        train(_fresh(target), target, _sequences(target, count=3), _config(held_out=str(tmp_path / "all.json")),
+              tmp_path / "run2", progress=False, log=lambda m: None)
+    (tmp_path / "bad.json").write_text('{"ids": 1}')
+    with pytest.raises(TreeFlashError, match="not a list of record ids"):
+        train(_fresh(target), target, _sequences(target, count=3), _config(held_out=str(tmp_path / "bad.json")),
+              tmp_path / "run3", progress=False, log=lambda m: None)
+    assert not any(tmp_path.glob("run*"))  # a refused run leaves nothing behind
+
+
 def test_the_validation_split_is_stable_as_the_data_grows():
     def data(n):
         return [Sequence(f"conv-{i}", [1, 2, 3], 1) for i in range(n)]

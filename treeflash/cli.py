@@ -363,7 +363,7 @@ def _train_config_from_args(args: argparse.Namespace, stage: str):
         grad_clip=args.grad_clip, batch_size=args.batch_size, anchors=args.anchors, max_length=args.max_length,
         max_sequences=args.max_sequences,
         gamma=args.gamma, loss=args.loss, labels=args.labels, finetune_backbone=getattr(args, "finetune_backbone", False),
-        val_sequences=args.val_sequences, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+        val_sequences=args.val_sequences, held_out=args.held_out, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
         precision=args.precision, balance_features=not getattr(args, "no_balance_features", False),
         features=args.features, time_budget=args.time_budget,
     )
@@ -526,6 +526,9 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--time-budget", type=float, default=None,
                    help="minutes of training: the schedule spans this time instead of --epochs")
     p.add_argument("--val-sequences", type=int, default=d.val_sequences, help=f"(default: {d.val_sequences})")
+    p.add_argument("--held-out", default=None, metavar="FILE[,FILE]",
+                   help="validate on the records an earlier run held out (its held_out.json; several joined by "
+                        "commas) instead of --val-sequences drawn from this data: they are never trained on")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"(default: {d.eval_every})")
     p.add_argument("--save-every", type=int, default=d.save_every, help=f"(default: {d.save_every})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")

@@ -320,6 +320,9 @@ class TrainConfig:
     labels: str = "data"
     balance_features: bool = True  # train fc behind a fixed per-input scale (see feature_scale) when it trains
     val_sequences: int = 32  # held out from the data for validation
+    # held_out.json files of earlier runs (comma-separated): validate on exactly those records instead of the
+    # hashed split, e.g. to keep comparing on one run's held-out records after other data is mixed in
+    held_out: str | None = None
     eval_every: int = 200  # steps between validations
     save_every: int = 200  # steps between checkpoints
     seed: int = 0  # data order, anchors, validation split
@@ -361,6 +364,28 @@ def split_validation(sequences: list, count: int, seed: int = 0) -> tuple[list, 
     held = set(rank[:count])
     return ([sequences[i] for i in sorted(held)],
             [s for i, s in enumerate(sequences) if i not in held])
+
+
+def split_held_out(sequences: list, files: str) -> tuple[list, list]:
+    """Hold out exactly the records named by earlier runs' held_out.json files (comma-separated paths)."""
+    ids: set[str] = set()
+    for name in files.split(","):
+        path = Path(name)
+        try:
+            listed = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise TreeFlashError(f"cannot read the held-out ids in {path} ({e}); pass a run's held_out.json") from None
+        if not isinstance(listed, list) or not all(isinstance(i, str) for i in listed):
+            raise TreeFlashError(f"{path} is not a list of record ids; pass a run's held_out.json")
+        ids.update(listed)
+    found = {s.id for s in sequences} & ids
+    if len(found) < len(ids):
+        missing = sorted(ids - found)
+        raise TreeFlashError(f"{len(missing)} of the {len(ids)} held-out records (e.g. {missing[0]}) are not in this "
+                             "data; pass the data those runs were validated on")
+    if len(found) == len(sequences):
+        raise TreeFlashError("--held-out names every record of the data, which leaves nothing to train on")
+    return [s for s in sequences if s.id in ids], [s for s in sequences if s.id not in ids]
 
 
 def autocast(config: TrainConfig, device: torch.device):
@@ -612,11 +637,14 @@ def train(
         raise TreeFlashError("no training sequences; pass data or a feature cache")
     if config.max_sequences is not None:
         sequences = sequences[: config.max_sequences]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     # The held-out set does not move with --seed: a run continued in another order (a new seed) must not
     # train on what the earlier runs validated on.
-    val, train_set = split_validation(sequences, config.val_sequences)
+    if config.held_out:
+        val, train_set = split_held_out(sequences, config.held_out)
+    else:
+        val, train_set = split_validation(sequences, config.val_sequences)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     n_val = len(val)
     if ranks.main and max_steps != 0:  # which records the run never trains on (a validation alone writes nothing)
         (out / HELD_OUT_FILE).write_text(json.dumps([s.id for s in val]) + "\n")
