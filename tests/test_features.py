@@ -213,6 +213,11 @@ def test_regeneration_writes_the_feature_cache_of_its_records(model_dir, tmp_pat
         regenerate(target, tokenizer, prompts, out, features_out=cache, feature_layers=(1, 2), **settings)
     with pytest.raises(TreeFlashError, match="needs the treeflash engine"):
         regenerate(model, tokenizer, prompts, out, features_out=cache, engine="transformers", **settings)
+    # Data made with other settings is refused before a new feature cache is started.
+    with pytest.raises(TreeFlashError, match="holds data made with other settings"):
+        regenerate(target, tokenizer, prompts, out, features_out=tmp_path / "new-cache", feature_layers=(0, 2),
+                   **(settings | {"max_new_tokens": settings["max_new_tokens"] + 1}))
+    assert not (tmp_path / "new-cache").exists()
 
 
 def test_train_data_cli_caches_features_that_training_reads(model_dir, tmp_path, capsys):  # noqa: F811

@@ -323,6 +323,7 @@ def regenerate(
 
         decoder = Decoder(target or Target(model, tokenizer, name=target_name))
         if features_out is not None:
+            _check_data_settings(Path(out), meta)  # so that a refused run leaves no new feature cache behind
             capture = _FeatureCapture(decoder.target, features_out, feature_layers, batch_size, out, progress)
 
     def responses(index: int, batch: list[tuple[str, list[int]]]) -> list[list[int]]:
@@ -479,6 +480,16 @@ def dataset_responses(tokenizer, prompts: list[Prompt], out: str | Path, eos_tok
     return _write_shards(tokenizer, prompts, out, meta, responses, progress, desc="writing replies")
 
 
+def _check_data_settings(out: Path, meta: dict) -> None:
+    """Refuse to continue a data directory made with other settings (before anything is written anywhere)."""
+    meta_file = out / "regenerate.json"
+    if meta_file.exists():
+        old = {"engine": "transformers"} | json.loads(meta_file.read_text())  # written before there was a choice
+        if {k: old.get(k) for k in meta if k != "prompts"} != {k: v for k, v in meta.items() if k != "prompts"}:
+            raise TreeFlashError(f"{out} holds data made with other settings ({old}); use a new output directory, "
+                                 "or the same settings to continue it")
+
+
 def _write_shards(tokenizer, prompts: list[Prompt], out: str | Path, meta: dict,
                   responses: Callable[[int, list[tuple[str, list[int]]]], list[list[int]]], progress: bool,
                   desc: str = "regenerating") -> dict:
@@ -488,14 +499,9 @@ def _write_shards(tokenizer, prompts: list[Prompt], out: str | Path, meta: dict,
     from tqdm.auto import tqdm
 
     out = Path(out)
+    _check_data_settings(out, meta)
     out.mkdir(parents=True, exist_ok=True)
-    meta_file = out / "regenerate.json"
-    if meta_file.exists():
-        old = {"engine": "transformers"} | json.loads(meta_file.read_text())  # written before there was a choice
-        if {k: old.get(k) for k in meta if k != "prompts"} != {k: v for k, v in meta.items() if k != "prompts"}:
-            raise TreeFlashError(f"{out} holds data made with other settings ({old}); use a new output directory, "
-                                 "or the same settings to continue it")
-    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "regenerate.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     encoded = []
     for p in prompts:
