@@ -186,6 +186,12 @@ def test_train_features_then_a_drafter_from_them(model_dir, tmp_path, capsys):
     metrics = json.loads(out.out.splitlines()[-1])
     assert metrics["step"] == 0 and "conditional_chain_tau" in metrics and "validation only" in out.err
     assert not list((tmp_path / "check").iterdir())
+    # --held-out FILE validates on the records that run held out: here the same as the hashed split.
+    assert main(check + ["--held-out", str(tmp_path / "run" / "held_out.json")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["conditional_chain_tau"] == metrics["conditional_chain_tau"]
+    (tmp_path / "other.json").write_text('["nowhere"]')
+    assert main(check + ["--held-out", str(tmp_path / "other.json")]) == 2
+    assert "1 of the 1 held-out records (e.g. nowhere) are not in this data" in capsys.readouterr().err
     # --add-layers grows the --init drafter; it validates exactly as the drafter it grew from.
     assert main(check[:-2] + ["--max-steps", "0", "--add-layers", "1"]) == 0
     out = capsys.readouterr()

@@ -363,7 +363,8 @@ def _train_config_from_args(args: argparse.Namespace, stage: str):
         grad_clip=args.grad_clip, batch_size=args.batch_size, anchors=args.anchors, max_length=args.max_length,
         max_sequences=args.max_sequences,
         gamma=args.gamma, loss=args.loss, labels=args.labels, finetune_backbone=getattr(args, "finetune_backbone", False),
-        val_sequences=args.val_sequences, held_out=args.held_out, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+        val_sequences=args.val_sequences, held_out=args.held_out, eval_every=args.eval_every,
+        save_every=args.save_every, seed=args.seed,
         precision=args.precision, balance_features=not getattr(args, "no_balance_features", False),
         features=args.features, time_budget=args.time_budget,
     )
