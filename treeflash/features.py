@@ -148,7 +148,7 @@ def _shard_done(out: str | Path, index: int, shard: list[Sequence]) -> bool:
 
 
 def _cache_shard(target: Target, shard: list[Sequence], out: str | Path, index: int, layers: tuple[int, ...],
-                bar=None) -> None:
+                 bar=None) -> None:
     """Write shard `index` of a feature cache by one target pass per sequence of `shard` (`bar`: a tqdm bar to
     advance by their tokens)."""
     def passes():  # one target pass per sequence, as the shard is written
