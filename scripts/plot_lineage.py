@@ -135,17 +135,18 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
             span = [xs[0], xs[-1] * 8]
             ax.plot(span, [a + b * math.log10(x) for x in span], linestyle=":", color=color,
                     label=f"{label} fit: +{b * math.log10(2):.3f} per doubling")
-        if ax is axes[0]:  # the names once, under the marginal points (the other panel's points crowd)
-            for n in names:
-                ax.annotate(n, (totals[n]["rows"], metrics[n]["marginal_chain_tau"]), textcoords="offset points",
-                            xytext=(0, -12), fontsize=7, rotation=-30)
+        if ax is axes[0]:  # numbered once, under the marginal points (names would crowd)
+            for i, n in enumerate(names, 1):
+                ax.annotate(str(i), (totals[n]["rows"], metrics[n]["marginal_chain_tau"]),
+                            textcoords="offset points", xytext=(0, -12 - 8 * (i % 2)), fontsize=7, ha="center")
         ax.axhline(goal_line, color="grey", linestyle="--", linewidth=1, label=f"goal {goal_line}")
         ax.set_xscale("log")
         ax.set_xlabel("labelled rows trained on, cumulative over the lineage (log)")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle("Every shipped drafter of SmolLM2-135M-Instruct, validated alike")
+    fig.suptitle("Every shipped drafter, validated alike (numbered in the order shipped: "
+                 + ", ".join(f"{i} {n}" for i, n in enumerate(names, 1)) + ")", fontsize=10)
     fig.tight_layout()
     fig.savefig(out + ".png", dpi=110)
     print(f"wrote {out}.md and {out}.png")
