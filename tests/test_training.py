@@ -282,6 +282,10 @@ def test_held_out_files_must_match_the_data(tmp_path):
         train(_fresh(target), target, _sequences(target, count=3), _config(held_out=str(tmp_path / "bad.json")),
               tmp_path / "run3", progress=False, log=lambda m: None)
     assert not any(tmp_path.glob("run*"))  # a refused run leaves nothing behind
+    # Validating only needs no training records: the held-out data alone is enough.
+    metrics = train(_fresh(target), target, _sequences(target, count=3), _config(held_out=str(tmp_path / "all.json")),
+                    tmp_path / "validate", max_steps=0, progress=False, log=lambda m: None)
+    assert metrics["step"] == 0 and 1.0 <= metrics["marginal_chain_tau"] <= 4.0  # block 4
 
 
 def test_the_validation_split_is_stable_as_the_data_grows():

@@ -366,8 +366,9 @@ def split_validation(sequences: list, count: int, seed: int = 0) -> tuple[list, 
             [s for i, s in enumerate(sequences) if i not in held])
 
 
-def split_held_out(sequences: list, files: str) -> tuple[list, list]:
-    """Hold out exactly the records named by earlier runs' held_out.json files (comma-separated paths)."""
+def split_held_out(sequences: list, files: str, training: bool = True) -> tuple[list, list]:
+    """Hold out exactly the records named by earlier runs' held_out.json files (comma-separated paths). Only a
+    run that trains (`training`) needs records left over."""
     ids: set[str] = set()
     for name in files.split(","):
         path = Path(name)
@@ -383,8 +384,9 @@ def split_held_out(sequences: list, files: str) -> tuple[list, list]:
         missing = sorted(ids - found)
         raise TreeFlashError(f"{len(missing)} of the {len(ids)} held-out records (e.g. {missing[0]}) are not in this "
                              "data; pass the data those runs were validated on")
-    if len(found) == len(sequences):
-        raise TreeFlashError("--held-out names every record of the data, which leaves nothing to train on")
+    if training and len(found) == len(sequences):
+        raise TreeFlashError("--held-out names every record of the data, which leaves nothing to train on; "
+                             "pass more data, or --max-steps 0 to validate only")
     return [s for s in sequences if s.id in ids], [s for s in sequences if s.id not in ids]
 
 
@@ -640,7 +642,7 @@ def train(
     # The held-out set does not move with --seed: a run continued in another order (a new seed) must not
     # train on what the earlier runs validated on.
     if config.held_out:
-        val, train_set = split_held_out(sequences, config.held_out)
+        val, train_set = split_held_out(sequences, config.held_out, training=max_steps != 0)
     else:
         val, train_set = split_validation(sequences, config.val_sequences)
     out = Path(out)
