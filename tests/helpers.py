@@ -11,7 +11,7 @@ VOCAB = 97
 
 
 def tiny_target(family: str = "llama", seed: int = 0, dtype=torch.float64, layers: int = 6, max_length: int = 512,
-                vocab: int = VOCAB) -> Target:
+                vocab: int = VOCAB, device: str = "cpu") -> Target:
     """A random target whose logits are far apart (weights scaled up), so greedy choices are stable."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -29,7 +29,7 @@ def tiny_target(family: str = "llama", seed: int = 0, dtype=torch.float64, layer
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.5 if "embed" in name or "lm_head" in name else 0.15)
-    return Target(model.to(dtype), tokenizer=None, name=f"tiny-{family}")
+    return Target(model.to(device=device, dtype=dtype), tokenizer=None, name=f"tiny-{family}")
 
 
 def tiny_drafter(target: Target, seed: int = 1, block_size: int = 8, layers: int = 2, head: bool = True,
@@ -51,7 +51,7 @@ def greedy_reference(target: Target, prompt: list[int], steps: int) -> list[int]
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(steps):
-            logits = target.model(torch.tensor([ids])).logits[0, -1]
+            logits = target.model(torch.tensor([ids], device=target.device)).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[len(prompt):]
 
