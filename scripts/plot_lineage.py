@@ -74,9 +74,10 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
         raise SystemExit(f"no validation for {', '.join(missing)} in {validations}; run "
                          "training/runs/lineage/validate_lineage.sh first")
     metrics = {n: json.loads((Path(validations) / f"{n}.json").read_text()) for n in names}
-    if fit_from not in names:
-        raise SystemExit(f"--fit-from {fit_from!r} is not a drafter of {lineage} ({', '.join(names)})")
-    fitted = names[names.index(fit_from):]
+    shipped = [d["name"] for d in spec["drafters"] if d.get("commit")]  # candidates (no commit) are not fitted
+    if fit_from not in shipped:
+        raise SystemExit(f"--fit-from {fit_from!r} is not a shipped drafter of {lineage} ({', '.join(shipped)})")
+    fitted = shipped[shipped.index(fit_from):]
     xs = [totals[n]["rows"] for n in fitted]
 
     lines = [f"# Every shipped drafter on one learning curve", "",
@@ -90,9 +91,10 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
     for n in names:
         t, m = totals[n], metrics[n]
         rows = f"{t['rows'] / 1e6:.2f}M" + (" (est.)" if t["estimated"] else "")
-        lines.append(f"| {n} | {t['steps']:,} | {t['sequences']:,} | {rows} | {t['seconds'] / 60:.0f} | "
+        lines.append(f"| {n if n in shipped else n + ' (not shipped)'} | {t['steps']:,} | {t['sequences']:,} | {rows} | {t['seconds'] / 60:.0f} | "
                      f"{m['marginal_chain_tau']:.3f} | {m['conditional_chain_tau']:.3f} | "
                      f"{m['marginal_top1'][0]:.2f} / {m['conditional_top1'][0]:.2f} | {m['anchor_sensitivity']:.2f} |")
+    lines += [""] + [f"- {d['name']}: {d['note']}" for d in spec["drafters"] if d.get("note")]
     lines += ["", f"Log-linear fits over {fitted[0]} to {fitted[-1]} (tau = a + b log10 rows), and the rows at which "
               f"each fit reaches {goal} (an extrapolation far past the data, not a prediction):", ""]
     fits = {}
@@ -108,7 +110,7 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
             if b > 0 else "never (the fit does not rise)"
         lines.append(f"- {label}: {a:.3f} + {b:.3f} log10 rows, so +{b * math.log10(2):.3f} per doubling; "
                      f"reaches {target} at {reach}.")
-    last = spec["drafters"][-1]
+    last = next(d for d in reversed(spec["drafters"]) if d["name"] in shipped)
     own = [run_totals(Path(log), last.get("until_step"), last.get("rows_per_step")) for log in last["logs"]]
     rate = sum(r["rows"] for r in own) / sum(r["seconds"] / 60 for r in own)
     a, b = fits["marginal_chain_tau"]
@@ -129,8 +131,13 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
         for key, color in zip(keys, ("tab:blue", "tab:orange")):
             value = (lambda n: metrics[n][key]) if key.endswith("tau") else (lambda n: metrics[n][key][0])
             label = key.split("_")[0]
-            ax.plot([totals[n]["rows"] for n in names], [value(n) for n in names], marker="o", color=color,
+            ax.plot([totals[n]["rows"] for n in shipped], [value(n) for n in shipped], marker="o", color=color,
                     label=label)
+            candidates = [n for n in names if n not in shipped]
+            if candidates:
+                ax.scatter([totals[n]["rows"] for n in candidates], [value(n) for n in candidates], marker="o",
+                           facecolors="none", edgecolors=color, zorder=3,
+                           label=f"{label}, not shipped" if key.startswith("marginal") else None)
             a, b = fits[key]
             span = [xs[0], xs[-1] * 8]
             ax.plot(span, [a + b * math.log10(x) for x in span], linestyle=":", color=color,
@@ -145,7 +152,7 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle("Every shipped drafter, validated alike (numbered in the order shipped: "
+    fig.suptitle("Every shipped drafter (hollow: not shipped), validated alike (numbered in order: "
                  + ", ".join(f"{i} {n}" for i, n in enumerate(names, 1)) + ")", fontsize=10)
     fig.tight_layout()
     fig.savefig(out + ".png", dpi=110)

@@ -22,7 +22,7 @@ validate() {  # NAME CHECKPOINT
     echo "$1: $(tail -c 300 "$WORK/$1.err" | grep -o 'val .*' | head -1)"
 }
 CKPT=$(python3 -c "import json; print(json.load(open('training/runs/lineage/lineage.json'))['checkpoint'])")
-python3 -c "import json; [print(d['name'], d['commit']) for d in json.load(open('training/runs/lineage/lineage.json'))['drafters']]" |
+python3 -c "import json; [print(d['name'], d['commit']) for d in json.load(open('training/runs/lineage/lineage.json'))['drafters'] if d['commit']]" |
 while read -r name commit; do
     dir="$WORK/checkpoints/$name"
     if [ ! -s "$dir/model.safetensors" ]; then
