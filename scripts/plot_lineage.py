@@ -1,7 +1,7 @@
 """Every shipped drafter on one learning curve: held-out chain tau and position-1 agreement against the training
 its lineage has had in total, with a log-linear fit and where that fit would reach a goal.
 
-    python scripts/plot_lineage.py LINEAGE.json VALIDATIONS OUT [--goal 3.0] [--fit-from second]
+    python scripts/plot_lineage.py LINEAGE.json VALIDATIONS OUT [--goal 3.0] [--fit-from third]
 
 LINEAGE.json (training/runs/lineage/lineage.json) lists the drafters, oldest first, each with the training logs
 of the runs that made it (continuing its "parent", if named). VALIDATIONS is the folder that
@@ -80,7 +80,7 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
     fitted = shipped[shipped.index(fit_from):]
     xs = [totals[n]["rows"] for n in fitted]
 
-    lines = [f"# Every shipped drafter on one learning curve", "",
+    lines = ["# Every shipped drafter on one learning curve", "",
              f"`python scripts/plot_lineage.py {lineage} {validations} {out}`; validations by "
              "`training/runs/lineage/validate_lineage.sh` (teacher-forced, the 32 held-out first turns, 128 anchors, "
              "the same anchors and seeds for every drafter). Training is cumulative over each drafter's lineage; "
@@ -91,7 +91,8 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
     for n in names:
         t, m = totals[n], metrics[n]
         rows = f"{t['rows'] / 1e6:.2f}M" + (" (est.)" if t["estimated"] else "")
-        lines.append(f"| {n if n in shipped else n + ' (not shipped)'} | {t['steps']:,} | {t['sequences']:,} | {rows} | {t['seconds'] / 60:.0f} | "
+        name = n if n in shipped else f"{n} (not shipped)"
+        lines.append(f"| {name} | {t['steps']:,} | {t['sequences']:,} | {rows} | {t['seconds'] / 60:.0f} | "
                      f"{m['marginal_chain_tau']:.3f} | {m['conditional_chain_tau']:.3f} | "
                      f"{m['marginal_top1'][0]:.2f} / {m['conditional_top1'][0]:.2f} | {m['anchor_sensitivity']:.2f} |")
     lines += [""] + [f"- {d['name']}: {d['note']}" for d in spec["drafters"] if d.get("note")]

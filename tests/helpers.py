@@ -6,6 +6,7 @@ import torch
 
 from treeflash.drafters import Drafter, DrafterConfig, new_drafter
 from treeflash.targets import Target
+from treeflash.trees import DraftTree
 
 VOCAB = 97
 
@@ -56,7 +57,32 @@ def greedy_reference(target: Target, prompt: list[int], steps: int) -> list[int]
     return ids[len(prompt):]
 
 
-__all__ = ["tiny_target", "tiny_drafter", "greedy_reference", "Drafter", "DrafterConfig", "VOCAB"]
+def random_tree(seed: int, size: int, vocab: int) -> DraftTree:
+    """A random tree of `size` nodes below the root, each under a random earlier node."""
+    g = torch.Generator().manual_seed(seed)
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, size + 1)]
+    depths = [0]
+    for p in parents[1:]:
+        depths.append(depths[p] + 1)
+    return DraftTree(
+        tokens=torch.randint(0, vocab, (size + 1,), generator=g),
+        parents=torch.tensor(parents),
+        depths=torch.tensor(depths),
+        scores=torch.zeros(size + 1),
+    )
+
+
+def branch_of(tree: DraftTree, node: int) -> list[int]:
+    """The nodes from the root to `node`, in order."""
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = int(tree.parents[node])
+    return path[::-1]
+
+
+__all__ = ["tiny_target", "tiny_drafter", "greedy_reference", "random_tree", "branch_of", "Drafter", "DrafterConfig",
+           "VOCAB"]
 
 
 class OracleDrafter(Drafter):

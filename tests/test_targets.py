@@ -2,35 +2,13 @@ import pytest
 import torch
 
 from treeflash.errors import TreeFlashError
-from treeflash.trees import DraftTree, tree_attention_mask
+from treeflash.trees import tree_attention_mask
 
 from treeflash.targets import norm_map
 
-from helpers import tiny_target
+from helpers import branch_of, random_tree, tiny_target
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
-
-
-def _random_tree(seed: int, size: int, vocab: int) -> DraftTree:
-    g = torch.Generator().manual_seed(seed)
-    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, size + 1)]
-    depths = [0]
-    for p in parents[1:]:
-        depths.append(depths[p] + 1)
-    return DraftTree(
-        tokens=torch.randint(0, vocab, (size + 1,), generator=g),
-        parents=torch.tensor(parents),
-        depths=torch.tensor(depths),
-        scores=torch.zeros(size + 1),
-    )
-
-
-def _branch(tree: DraftTree, node: int) -> list[int]:
-    path = []
-    while node >= 0:
-        path.append(node)
-        node = int(tree.parents[node])
-    return path[::-1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -48,10 +26,10 @@ def test_prefill_matches_transformers(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tree_attention_equals_causal_attention_on_every_branch(family):
+def test_tree_attention_equals_causal_attention_on_everybranch_of(family):
     target = tiny_target(family, dtype=torch.float64)
     context = torch.randint(0, target.vocab_size, (11,), generator=torch.Generator().manual_seed(5))
-    tree = _random_tree(seed=7, size=20, vocab=target.vocab_size)
+    tree = random_tree(seed=7, size=20, vocab=target.vocab_size)
     cache = target.new_cache(64)
     target.forward(context, torch.arange(11), cache)
     cache.advance(11)
@@ -59,7 +37,7 @@ def test_tree_attention_equals_causal_attention_on_every_branch(family):
     mask[:, 11:] = tree_attention_mask(tree)
     out = target.forward(tree.tokens, 11 + tree.depths, cache, mask=mask, feature_layers=(3,))
     for node in range(21):
-        branch = _branch(tree, node)
+        branch = branch_of(tree, node)
         ids = torch.cat((context, tree.tokens[branch]))
         with torch.no_grad():
             ref = target.model(ids[None], output_hidden_states=True)
@@ -71,9 +49,9 @@ def test_tree_attention_equals_causal_attention_on_every_branch(family):
 def test_compacted_cache_equals_fresh_prefill(family):
     target = tiny_target(family, dtype=torch.float64)
     context = torch.randint(0, target.vocab_size, (9,), generator=torch.Generator().manual_seed(11))
-    tree = _random_tree(seed=13, size=15, vocab=target.vocab_size)
+    tree = random_tree(seed=13, size=15, vocab=target.vocab_size)
     deepest = int(tree.depths.argmax())
-    path = _branch(tree, deepest)
+    path = branch_of(tree, deepest)
     cache = target.new_cache(64)
     target.forward(context, torch.arange(9), cache)
     cache.advance(9)
