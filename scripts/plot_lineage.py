@@ -42,19 +42,24 @@ def run_totals(log: Path, until_step: int | None = None, rows_per_step: float | 
             "seconds": max(r["seconds"] for r in steps.values()), "estimated": estimated}
 
 
-def lineage_totals(spec: dict) -> dict[str, dict]:
-    """Cumulative training per drafter: its parent's, then its own runs."""
+def lineage_totals(spec: dict) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per drafter, the training of its own runs and the cumulative training of its lineage (its parent's, then
+    its own)."""
+    own: dict[str, dict] = {}
     totals: dict[str, dict] = {}
     for drafter in spec["drafters"]:
-        total = dict(totals[drafter["parent"]]) if "parent" in drafter else {
-            "steps": 0, "sequences": 0, "rows": 0, "seconds": 0.0, "estimated": False}
+        zero = {"steps": 0, "sequences": 0, "rows": 0, "seconds": 0.0, "estimated": False}
+        mine = dict(zero)
         for log in drafter["logs"]:
             run = run_totals(Path(log), drafter.get("until_step"), drafter.get("rows_per_step"))
             for key in ("steps", "sequences", "rows", "seconds"):
-                total[key] += run[key]
-            total["estimated"] = total["estimated"] or run["estimated"]
-        totals[drafter["name"]] = total
-    return totals
+                mine[key] += run[key]
+            mine["estimated"] = mine["estimated"] or run["estimated"]
+        before = totals[drafter["parent"]] if "parent" in drafter else zero
+        totals[drafter["name"]] = {k: (before[k] or mine[k]) if k == "estimated" else before[k] + mine[k]
+                                   for k in zero}
+        own[drafter["name"]] = mine
+    return own, totals
 
 
 def fit_log_linear(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -67,7 +72,7 @@ def fit_log_linear(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = "third") -> None:
     spec = json.loads(Path(lineage).read_text())
-    totals = lineage_totals(spec)
+    own, totals = lineage_totals(spec)
     names = [d["name"] for d in spec["drafters"]]
     missing = [n for n in names if not (Path(validations) / f"{n}.json").is_file()]
     if missing:
@@ -112,8 +117,7 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
         lines.append(f"- {label}: {a:.3f} + {b:.3f} log10 rows, so +{b * math.log10(2):.3f} per doubling; "
                      f"reaches {target} at {reach}.")
     last = next(d for d in reversed(spec["drafters"]) if d["name"] in shipped)
-    own = [run_totals(Path(log), last.get("until_step"), last.get("rows_per_step")) for log in last["logs"]]
-    rate = sum(r["rows"] for r in own) / sum(r["seconds"] / 60 for r in own)
+    rate = own[last["name"]]["rows"] / (own[last["name"]]["seconds"] / 60)
     a, b = fits["marginal_chain_tau"]
     more = max(10 ** ((goal - a) / b) - xs[-1], 0) if b > 0 else math.inf
     lines += ["", f"At {last['name']}'s own rate ({rate:,.0f} rows per one-thread training minute), the rows the "

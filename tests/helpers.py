@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from treeflash.drafters import Drafter, DrafterConfig, new_drafter
@@ -9,6 +10,8 @@ from treeflash.targets import Target
 from treeflash.trees import DraftTree
 
 VOCAB = 97
+# Where device-parametrised tests run: the CPU always, CUDA where a GPU is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 def tiny_target(family: str = "llama", seed: int = 0, dtype=torch.float64, layers: int = 6, max_length: int = 512,
@@ -81,8 +84,8 @@ def branch_of(tree: DraftTree, node: int) -> list[int]:
     return path[::-1]
 
 
-__all__ = ["tiny_target", "tiny_drafter", "greedy_reference", "random_tree", "branch_of", "Drafter", "DrafterConfig",
-           "VOCAB"]
+__all__ = ["DEVICES", "tiny_target", "tiny_drafter", "greedy_reference", "random_tree", "branch_of", "Drafter",
+           "DrafterConfig", "VOCAB"]
 
 
 class OracleDrafter(Drafter):

@@ -1,18 +1,17 @@
 """The lossless contract and a training step on every device this machine has: the CPU always, and CUDA where
 a GPU is present (skipped elsewhere). The same test bodies run on both, so the CPU runs check the tests
-themselves; on a GPU, `pytest tests/test_devices.py` is the first thing to run."""
+themselves. Tree attention against causal attention runs on every device in test_targets.py. On a GPU,
+`pytest -rs -k cuda` is the first thing to run."""
 
 import pytest
 import torch
 
 from treeflash.decoding import METHODS, DecodeConfig, Decoder
 from treeflash.training import Sequence, TrainConfig, train
-from treeflash.trees import tree_attention_mask
 
-from helpers import branch_of, greedy_reference, random_tree, tiny_drafter, tiny_target
+from helpers import DEVICES, greedy_reference, tiny_drafter, tiny_target
 
 PROMPT = [5, 17, 33, 2, 71, 8, 40]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 @pytest.fixture(scope="module", params=DEVICES)
@@ -44,23 +43,6 @@ def test_batched_generation_equals_one_at_a_time(device):
         config = DecodeConfig(method=method, budget=6, max_new_tokens=24)
         batched = decoder.generate_batch(prompts, config)
         assert [r.token_ids for r in batched] == [decoder.generate(p, config).token_ids for p in prompts], method
-
-
-def test_tree_attention_equals_causal_attention_on_everybranch_of(device):
-    target = tiny_target("llama", dtype=torch.float64, device=device)
-    context = torch.randint(0, target.vocab_size, (11,), generator=torch.Generator().manual_seed(5)).to(device)
-    tree = random_tree(seed=7, size=20, vocab=target.vocab_size)
-    cache = target.new_cache(64)
-    target.forward(context, torch.arange(11, device=device), cache)
-    cache.advance(11)
-    mask = torch.ones(21, 11 + 21, dtype=torch.bool, device=device)
-    mask[:, 11:] = tree_attention_mask(tree).to(device)
-    out = target.forward(tree.tokens.to(device), (11 + tree.depths).to(device), cache, mask=mask)
-    for node in range(tree.size + 1):
-        ids = torch.cat((context, tree.tokens[branch_of(tree, node)].to(device)))
-        with torch.no_grad():
-            causal = target.model(ids[None]).logits[0, -1]
-        torch.testing.assert_close(out.logits[node], causal, atol=1e-9, rtol=1e-9)
 
 
 def test_a_training_step_and_its_validation_run(device, tmp_path):

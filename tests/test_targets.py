@@ -6,7 +6,7 @@ from treeflash.trees import tree_attention_mask
 
 from treeflash.targets import norm_map
 
-from helpers import branch_of, random_tree, tiny_target
+from helpers import DEVICES, branch_of, random_tree, tiny_target
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 
@@ -25,20 +25,20 @@ def test_prefill_matches_transformers(family):
     torch.testing.assert_close(out.features[:, 32:], ref.hidden_states[2][0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tree_attention_equals_causal_attention_on_everybranch_of(family):
-    target = tiny_target(family, dtype=torch.float64)
-    context = torch.randint(0, target.vocab_size, (11,), generator=torch.Generator().manual_seed(5))
+def test_tree_attention_equals_causal_attention_on_every_branch(family, device):
+    target = tiny_target(family, dtype=torch.float64, device=device)
+    context = torch.randint(0, target.vocab_size, (11,), generator=torch.Generator().manual_seed(5)).to(device)
     tree = random_tree(seed=7, size=20, vocab=target.vocab_size)
     cache = target.new_cache(64)
-    target.forward(context, torch.arange(11), cache)
+    target.forward(context, torch.arange(11, device=device), cache)
     cache.advance(11)
-    mask = torch.ones(21, 11 + 21, dtype=torch.bool)
-    mask[:, 11:] = tree_attention_mask(tree)
-    out = target.forward(tree.tokens, 11 + tree.depths, cache, mask=mask, feature_layers=(3,))
+    mask = torch.ones(21, 11 + 21, dtype=torch.bool, device=device)
+    mask[:, 11:] = tree_attention_mask(tree).to(device)
+    out = target.forward(tree.tokens.to(device), (11 + tree.depths).to(device), cache, mask=mask, feature_layers=(3,))
     for node in range(21):
-        branch = branch_of(tree, node)
-        ids = torch.cat((context, tree.tokens[branch]))
+        ids = torch.cat((context, tree.tokens[branch_of(tree, node)].to(device)))
         with torch.no_grad():
             ref = target.model(ids[None], output_hidden_states=True)
         torch.testing.assert_close(out.logits[node], ref.logits[0, -1], atol=1e-9, rtol=1e-9)
