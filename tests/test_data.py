@@ -56,6 +56,43 @@ def test_replies_are_every_answered_turn_of_the_training_split(monkeypatch):
     assert prompts[1].history == (("user", "q1"), ("assistant", "r1"))
 
 
+def test_python_functions_are_signatures_and_docstrings_without_bodies(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "tools.py").write_text(
+        'import os\n\n'
+        '@decorator\n'
+        'def add(a: int, b: int = 2) -> int:\n'
+        '    """Add two numbers, b defaulting to two.\n\n    >>> add(1)\n    3\n    """\n'
+        '    return a + b\n\n'
+        'def _private(x):\n    """A private helper, left out of the prompts."""\n    return x\n\n'
+        'def short(x):\n    """Too short."""\n    return x\n\n'
+        'def undocumented(x):\n    return x\n\n'
+        'class Stack:\n'
+        '    """A stack."""\n'
+        '    def push(self, item):\n        "Put an item on top of the stack."\n        self.items.append(item)\n'
+        '    def _grow(self):\n        """A private method, left out of the prompts."""\n')
+    (tmp_path / "pkg" / "broken.py").write_text("def oops(:\n")  # does not parse: skipped
+    (tmp_path / "tests").mkdir()  # a test directory: skipped
+    (tmp_path / "tests" / "helpers.py").write_text('def check(x):\n    """A test helper that is not a prompt."""\n')
+    prompts = {p.id: p.text for p in data.load_prompts(f"python-functions:{tmp_path}")}
+    assert prompts == {
+        "pyfunc-pkg.tools.add": 'def add(a: int, b: int = 2) -> int:\n    """Add two numbers, b defaulting to two.\n\n'
+                                '    >>> add(1)\n    3\n    """\n',
+        "pyfunc-pkg.tools.Stack.push": 'class Stack:\n    def push(self, item):\n'
+                                       '        "Put an item on top of the stack."\n',
+    }
+    with pytest.raises(TreeFlashError, match="is not one; pass python-functions:DIR"):
+        data.load_prompts(f"python-functions:{tmp_path / 'missing'}")
+
+
+def test_python_functions_read_the_standard_library_in_a_fixed_order():
+    prompts = data.load_prompts("python-functions")
+    assert len(prompts) > 3000 and len({p.text for p in prompts}) == len(prompts)
+    assert not any(".test." in p.id or p.id.startswith("pyfunc-test.") for p in prompts)
+    assert [p.id for p in data.load_prompts("python-functions", limit=20)] == [p.id for p in prompts[:20]]
+    assert len({p.id.split(".")[0] for p in prompts[:20]}) > 5  # shuffled: a spread of modules
+
+
 def test_dataset_responses_write_the_replies_as_records(model_dir, tmp_path, capsys):  # noqa: F811
     """The dataset's own replies, tokenised, end-of-turn appended, cut at the cap; resumable like regeneration;
     a prompt without a reply is a clear error. Then through the CLI."""

@@ -622,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompts", default="sharegpt",
                    help="sharegpt (its first turns' training split), sharegpt-turns (its later turns, each after "
                         "the conversation so far), sharegpt-replies (every turn ShareGPT answered, the answer kept, "
-                        "for --responses dataset) or a JSONL file of prompts (default: sharegpt)")
+                        "for --responses dataset), python-functions (code-completion prompts from the Python "
+                        "standard library, or python-functions:DIR) or a JSONL file of prompts (default: sharegpt)")
     d.add_argument("--responses", default="target", choices=("target", "dataset"),
                    help="target: the target's own responses, generated (default); dataset: the source's own replies "
                         "(sharegpt-replies), written at once without generating; train on those with --labels target")

