@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import treeflash.data as data
-from treeflash.data import Prompt, _write_shards, dataset_responses, sharegpt_later_turns, sharegpt_replies
+from treeflash.data import (EVAL_SETS, Prompt, _write_shards, dataset_responses, sharegpt_later_turns,
+                            sharegpt_replies)
 from treeflash.errors import TreeFlashError
 
 from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
@@ -123,6 +124,15 @@ def test_dataset_responses_write_the_replies_as_records(model_dir, tmp_path, cap
     assert "sharegpt-replies" in capsys.readouterr().err
     assert main(base + ["--out", str(tmp_path / "g"), "--server", "http://localhost:1"]) == 2
     assert "drop --server" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", EVAL_SETS)
+def test_train_data_refuses_an_evaluation_set_before_writing_anything(name, tmp_path, capsys):
+    from treeflash.cli import main
+
+    assert main(["train", "data", "--prompts", name, "--out", str(tmp_path / "d")]) == 2
+    assert f"{name} is an evaluation set" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_regeneration_templates_the_whole_conversation(tmp_path):

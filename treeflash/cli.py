@@ -217,10 +217,10 @@ def cmd_train_data(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .data import exclude_eval_prompts, load_prompts, regenerate
+    from .data import EVAL_SETS, exclude_eval_prompts, load_prompts, regenerate
     from .targets import load_target
 
-    if args.prompts in ("mtbench", "humaneval", "sharegpt-heldout"):
+    if args.prompts in EVAL_SETS:
         raise TreeFlashError(f"{args.prompts} is an evaluation set; train on sharegpt or your own JSONL prompts")
     if args.features and (args.server or args.responses == "dataset"):
         raise TreeFlashError("--features captures the target's passes while it generates here; with --server or "
