@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The eleventh drafter continued with its own recipe (head and backbone, peak lr 2e-4, 128 anchors, 8 sequences a
-# step), on the code (smollm2-python-functions: the eleventh saw ~770 of its 2,016 training records),
-# then turns-b, then the first turns, of which N keeps the first ones only (N = 7,528 keeps 4,200 first turns, as
-# the eleventh's run did, so that its 14 held-out first turns are in the data), so about one sequence in four is
-# code, now mostly records the eleventh has not seen. The seventy-minute continuation of the ninth on chat alone (the tenth
-# candidate) stayed level; code moved in sixty-five minutes, so this run goes on with it. It validates on the same
-# 14 first turns and 32 code records as the eleventh's run (runs/smollm2-v11: never train on them).
+# step) on the same data as the eleventh's run (which saw about 40% of it: 383 steps of 8 out of 7,482): the code
+# (smollm2-python-functions), then turns-b, then the first turns, of which N keeps the first ones only (N = 7,528
+# keeps 4,200, so that the 14 held-out first turns below are in the data): about one sequence in four is code.
+# The seventy-minute continuation of the ninth on chat alone (the tenth candidate) stayed level; code moved in
+# sixty-five minutes, so this run goes on with it, under a new seed (a new order). It validates on the same 14
+# first turns and 32 code records as the eleventh's run (runs/smollm2-v11: never train on them).
+# Run as: train_v12.sh 7528 100 2
 # Usage: train_v12.sh N MINUTES [THREADS]   (the same arguments resume the run; N pins the data)
 set -u
 cd "$(dirname "$0")/../../.."  # the repository root
