@@ -89,7 +89,7 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
              f"`python scripts/plot_lineage.py {lineage} {validations} {out}`; validations by "
              "`training/runs/lineage/validate_lineage.sh` (teacher-forced, the 32 held-out first turns, 128 anchors, "
              "the same anchors and seeds for every drafter). Training is cumulative over each drafter's lineage; "
-             "minutes are one-thread training time on whichever machine ran it.", "",
+             "minutes are training time on whichever machine ran it, at one thread unless a note says otherwise.", "",
              "| drafter | steps | sequence passes | labelled rows | training min | marginal chain tau | "
              "conditional chain tau | position 1 marginal / conditional | anchor sensitivity |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -120,8 +120,9 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
     rate = own[last["name"]]["rows"] / (own[last["name"]]["seconds"] / 60)
     a, b = fits["marginal_chain_tau"]
     more = max(10 ** ((goal - a) / b) - xs[-1], 0) if b > 0 else math.inf
-    lines += ["", f"At {last['name']}'s own rate ({rate:,.0f} rows per one-thread training minute), the rows the "
-              f"marginal fit asks for beyond {fitted[-1]} would take {more / rate / 60:,.0f} one-thread hours."]
+    lines += ["", f"At {last['name']}'s own rate ({rate:,.0f} rows per training minute, as its minutes are "
+              f"counted above), the rows the marginal fit asks for beyond {fitted[-1]} would take {more / rate / 60:,.0f} "
+              "such hours."]
     write_markdown("\n".join(lines) + "\n", out + ".md")
 
     import matplotlib
