@@ -158,8 +158,11 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle("Every shipped drafter (hollow: not shipped), validated alike (numbered in order: "
-                 + ", ".join(f"{i} {n}" for i, n in enumerate(names, 1)) + ")", fontsize=10)
+    import textwrap
+
+    title = ("Every shipped drafter (hollow: not shipped), validated alike (numbered in order: "
+             + ", ".join(f"{i} {n}" for i, n in enumerate(names, 1)) + ")")
+    fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=10)  # wrapped: the names outgrow one line
     fig.tight_layout()
     fig.savefig(out + ".png", dpi=110)
     print(f"wrote {out}.md and {out}.png")
