@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 from pathlib import Path
 
 from _output import write_markdown
@@ -158,8 +159,6 @@ def main(lineage: str, validations: str, out: str, goal: float, fit_from: str = 
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    import textwrap
-
     title = ("Every shipped drafter (hollow: not shipped), validated alike (numbered in order: "
              + ", ".join(f"{i} {n}" for i, n in enumerate(names, 1)) + ")")
     fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=10)  # wrapped: the names outgrow one line

@@ -200,10 +200,12 @@ def _signature_and_docstring(lines: list[str], node: ast.FunctionDef | ast.Async
     return "\n".join(lines[node.lineno - 1: doc.end_lineno])
 
 
-def _documented(node: ast.FunctionDef | ast.AsyncFunctionDef, min_docstring: int) -> bool:
-    """Public (no leading underscore) with a docstring of `min_docstring`+ characters."""
+def _documented(node: ast.AST, min_docstring: int) -> bool:
+    """A public (no leading underscore) function or method with a docstring of `min_docstring`+ characters."""
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+        return False
     doc = ast.get_docstring(node)
-    return not node.name.startswith("_") and doc is not None and len(doc) >= min_docstring
+    return doc is not None and len(doc) >= min_docstring
 
 
 def python_functions(root: str | Path | None = None, min_docstring: int = 20,
@@ -234,14 +236,14 @@ def python_functions(root: str | Path | None = None, min_docstring: int = 20,
         module = ".".join(parts)[: -len(".py")]
         found = []  # (qualname, text)
         for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _documented(node, min_docstring):
+            if _documented(node, min_docstring):
                 found.append((node.name, textwrap.dedent(_signature_and_docstring(lines, node))))
             elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
                 header = lines[node.lineno - 1].strip()
                 if not header.endswith(":"):  # a class line spread over several lines: skip its methods
                     continue
                 for method in node.body:
-                    if isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)) and _documented(method, min_docstring):
+                    if _documented(method, min_docstring):
                         body = textwrap.indent(textwrap.dedent(_signature_and_docstring(lines, method)), "    ")
                         found.append((f"{node.name}.{method.name}", f"{header}\n{body}"))
         for qualname, text in found:
