@@ -119,6 +119,27 @@ def test_new_drafter_writes_a_loadable_checkpoint(model_dir, tmp_path, capsys):
     assert result["method"] == "treeflash"
 
 
+def test_train_average_writes_a_loadable_average_and_never_overwrites(model_dir, tmp_path, capsys):
+    from treeflash.drafters import load_drafter
+
+    for seed in (1, 2):
+        assert main(["new-drafter", str(tmp_path / f"d{seed}"), "--target", str(model_dir), "--layers", "1",
+                     "--block-size", "4", "--seed", str(seed)]) == 0
+    drafters = [str(tmp_path / "d1"), str(tmp_path / "d2")]
+    assert main(["train", "average", str(tmp_path / "avg"), *drafters, "--dtype", "float32"]) == 0
+    assert "average of 2 drafters (float32)" in capsys.readouterr().out
+    a, b, mean = (load_drafter(p) for p in [*drafters, tmp_path / "avg"])
+    assert torch.allclose(mean.fc.weight, (a.fc.weight + b.fc.weight) / 2, atol=1e-6)
+    config = json.loads((tmp_path / "avg" / "config.json").read_text())
+    assert config["averaged_from"] == drafters and config["dtype"] == "float32"
+    before = (tmp_path / "d1" / "model.safetensors").read_bytes()
+    assert main(["train", "average", str(tmp_path / "d1"), *drafters]) == 2  # into an input: refused
+    assert "not an empty directory" in capsys.readouterr().err
+    assert (tmp_path / "d1" / "model.safetensors").read_bytes() == before
+    assert main(["train", "average", str(tmp_path / "x"), *drafters, "--dtype", "float13"]) == 2
+    assert "unknown dtype" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_tune_saves_defaults_that_generate_then_uses(model_dir, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("TREEFLASH_CACHE", str(tmp_path))
     common = ["--target", str(model_dir), "--drafter", "untrained"]

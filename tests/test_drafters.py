@@ -5,6 +5,7 @@ import torch
 
 from treeflash.drafters import (
     Drafter,
+    average_drafters,
     default_target_layer_ids,
     grow_drafter,
     load_drafter,
@@ -193,3 +194,31 @@ def test_draft_vocabulary_logits_are_the_full_logits_of_those_tokens(tmp_path):
 
     with pytest.raises(TreeFlashError, match="draft vocabulary"):
         new_drafter(target, draft_vocab=torch.tensor([5, 500]))
+
+
+def test_average_of_drafters_is_the_mean_of_their_weights(tmp_path):
+    target = tiny_target("qwen3", dtype=torch.float32)
+    a, b = tiny_drafter(target, seed=1), tiny_drafter(target, seed=2)
+    save_drafter(a, tmp_path / "a")
+    save_drafter(b, tmp_path / "b")
+    mean = average_drafters([tmp_path / "a", tmp_path / "b"])
+    for (name, x), y, z in zip(mean.state_dict().items(), a.state_dict().values(), b.state_dict().values()):
+        assert torch.allclose(x, (y + z) / 2, atol=1e-6), name
+    assert not torch.equal(mean.fc.weight, a.fc.weight)
+    same = average_drafters([tmp_path / "a", tmp_path / "a", tmp_path / "a"])  # three equal drafters: the same one
+    feats = _context_features(target)
+    assert torch.allclose(same.draft(target, 3, feats, same.new_cache(64)).logits,
+                          a.draft(target, 3, feats, a.new_cache(64)).logits, atol=1e-5)
+
+
+def test_averaging_refuses_one_drafter_or_drafters_of_different_shapes(tmp_path):
+    target = tiny_target("qwen3", dtype=torch.float32)
+    save_drafter(tiny_drafter(target, layers=2), tmp_path / "two")
+    save_drafter(tiny_drafter(target, layers=1), tmp_path / "one")
+    save_drafter(tiny_drafter(target, head=False), tmp_path / "plain")
+    with pytest.raises(TreeFlashError, match="at least two drafters"):
+        average_drafters([tmp_path / "two"])
+    with pytest.raises(TreeFlashError, match="differs from .* in its config"):
+        average_drafters([tmp_path / "two", tmp_path / "one"])
+    with pytest.raises(TreeFlashError, match="differs from"):
+        average_drafters([tmp_path / "two", tmp_path / "plain"])

@@ -192,6 +192,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_average(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .api import parse_dtype
+    from .drafters import average_drafters, save_drafter
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TreeFlashError(f"{out} is not an empty directory; write the average into a new one")
+    dtype = parse_dtype(args.dtype)
+    drafter = average_drafters(args.drafters)
+    save_drafter(drafter, out, dtype=dtype, extra={"averaged_from": [str(d) for d in args.drafters]})
+    print(f"wrote the average of {len(args.drafters)} drafters ({str(dtype).removeprefix('torch.')}) to {out}")
+    return 0
+
+
 def _target_tokenizer(target: str | None):
     """(name, tokenizer) of a target without loading its weights (None = the embedded default)."""
     from transformers import AutoTokenizer
@@ -678,6 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_train_features)
     _add_train_flags(steps.add_parser("drafter", help="train a DFlash drafter (resumable)"), "drafter")
     _add_train_flags(steps.add_parser("head", help="train a TreeFlash head on a trained drafter (resumable)"), "head")
+    a = steps.add_parser("average", help="average the weights of drafters of one shape (e.g. a run and its "
+                                         "continuation) into a new drafter")
+    a.add_argument("out", help="a new output directory")
+    a.add_argument("drafters", nargs="+", help="two or more drafter directories")
+    a.add_argument("--dtype", default="bfloat16", help="dtype of the written weights (default: bfloat16)")
+    a.set_defaults(func=cmd_train_average)
     return parser
 
 

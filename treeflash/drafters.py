@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -687,3 +688,31 @@ def grow_drafter(drafter: Drafter, layers: int = 1, seed: int = 0) -> Drafter:
             layer.mlp.down_proj.weight.zero_()
     return grown.train(drafter.training).requires_grad_(any(q.requires_grad for q in drafter.parameters()))
 
+
+
+def average_drafters(paths: Sequence[str | Path]) -> Drafter:
+    """The uniform average of the weights of drafters that share one config, in float32: checkpoints of one
+    lineage (a run and its continuation, or one run's later checkpoints) average to a drafter that often
+    validates above each of them (weight averaging, as in SWA and LAWA). Drafters of different shapes, draft
+    vocabularies or settings cannot be averaged, and a TreeFlashError names the first difference."""
+    if len(paths) < 2:
+        raise TreeFlashError(f"averaging needs at least two drafters; got {len(paths)}")
+    drafters = [load_drafter(p, dtype=torch.float32) for p in paths]
+    first, reference = drafters[0], drafters[0].config.to_json_dict()
+    reference.pop("dtype", None)
+    total = {k: v.clone() for k, v in first.state_dict().items()}
+    for path, drafter in zip(paths[1:], drafters[1:]):
+        config = drafter.config.to_json_dict()
+        config.pop("dtype", None)
+        if config != reference:
+            key = next(k for k in sorted(set(config) | set(reference)) if config.get(k) != reference.get(k))
+            raise TreeFlashError(f"{path} differs from {paths[0]} in its config ({key}: {config.get(key)!r} against "
+                                 f"{reference.get(key)!r}); average only drafters of one shape and setting")
+        for k, v in drafter.state_dict().items():
+            if v.is_floating_point():
+                total[k] += v
+            elif not torch.equal(v, total[k]):
+                raise TreeFlashError(f"{path} differs from {paths[0]} in {k}; average only drafters with the same "
+                                     "draft vocabulary")
+    first.load_state_dict({k: v / len(paths) if v.is_floating_point() else v for k, v in total.items()})
+    return first
