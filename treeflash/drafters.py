@@ -689,12 +689,12 @@ def grow_drafter(drafter: Drafter, layers: int = 1, seed: int = 0) -> Drafter:
     return grown.train(drafter.training).requires_grad_(any(q.requires_grad for q in drafter.parameters()))
 
 
-
 def average_drafters(paths: Sequence[str | Path]) -> Drafter:
-    """The uniform average of the weights of drafters that share one config, in float32: checkpoints of one
-    lineage (a run and its continuation, or one run's later checkpoints) average to a drafter that often
-    validates above each of them (weight averaging, as in SWA and LAWA). Drafters of different shapes, draft
-    vocabularies or settings cannot be averaged, and a TreeFlashError names the first difference."""
+    """The uniform average of the weights of drafters that share one config, in float32. Checkpoints of one
+    lineage (a run and its continuation, or one run's later checkpoints) can average to a drafter that validates
+    above each of them (weight averaging, as in SWA and LAWA; measured on the shipped drafter's lineage in
+    training/README.md). Drafters of different shapes, draft vocabularies or settings cannot be averaged, and a
+    TreeFlashError names the first difference."""
     if len(paths) < 2:
         raise TreeFlashError(f"averaging needs at least two drafters; got {len(paths)}")
     drafters = [load_drafter(p, dtype=torch.float32) for p in paths]
