@@ -224,3 +224,33 @@ def test_train_data_cli_regenerates_through_our_engine_by_default(model_dir, tmp
     assert json.loads((out / "regenerate.json").read_text())["engine"] == "treeflash"
     assert main(argv + ["--engine", "transformers"]) == 2
     assert "holds data made with other settings" in capsys.readouterr().err
+
+
+def test_train_data_interrupted_says_so_in_one_line_and_resumes(model_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import treeflash.data
+    from treeflash.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"w{i + 3} w{2 * i + 5}"}) + "\n" for i in range(3)))
+    out = tmp_path / "data"
+    argv = ["train", "data", "--prompts", str(prompts), "--target", str(model_dir), "--out", str(out),
+            "--max-new-tokens", "5", "--batch-size", "2"]
+    shard_path = treeflash.data._shard_path
+
+    def ctrl_c_before_the_second_shard(out_dir, index):
+        if index == 1:
+            raise KeyboardInterrupt
+        return shard_path(out_dir, index)
+
+    monkeypatch.setattr(treeflash.data, "_shard_path", ctrl_c_before_the_second_shard)
+    try:
+        assert main(argv) == 130
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped `treeflash train data` as a traceback")
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "treeflash: interrupted; the same command resumes from what was written"
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.jsonl"]  # whole, and nothing half-written
+    monkeypatch.setattr(treeflash.data, "_shard_path", shard_path)
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["written_now"] == 1  # only the shard the interrupt cut off

@@ -556,7 +556,7 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
                         "on this data's held-out sequences)")
     p.add_argument("--export", default=None, help="when the run is complete, also save the drafter here")
     p.add_argument("--export-dtype", default="bfloat16", help="dtype of the exported weights (default: bfloat16)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, resumes=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -670,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--layers", default=None,
                    help="with --features: comma-separated target layers to cache (default: those a new drafter "
                         "reads)")
-    d.set_defaults(func=cmd_train_data)
+    d.set_defaults(func=cmd_train_data, resumes=True)
     from .features import DEFAULT_SHARD_SEQUENCES
 
     f = steps.add_parser("features", help="run the target once over training data and cache its features (resumable)")
@@ -691,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes sharing the shards, the torch threads split between them (on 2 CPU cores 2 "
                         "workers made 1.6x the tokens/s of one; default: 1)")
     f.add_argument("--part", default=None, help=argparse.SUPPRESS)  # K/N: one worker's share
-    f.set_defaults(func=cmd_train_features)
+    f.set_defaults(func=cmd_train_features, resumes=True)
     _add_train_flags(steps.add_parser("drafter", help="train a DFlash drafter (resumable)"), "drafter")
     _add_train_flags(steps.add_parser("head", help="train a TreeFlash head on a trained drafter (resumable)"), "head")
     a = steps.add_parser("average", help="average the weights of drafters of one shape (e.g. a run and its "
@@ -718,6 +718,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(2)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was written stays whole
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # end the progress bars it cut short, above the line
+            bar.close()
+        again = "; the same command resumes from what was written" if getattr(args, "resumes", False) else ""
+        print(f"treeflash: interrupted{again}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
