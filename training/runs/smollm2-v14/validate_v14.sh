@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Validate drafters the way every candidate since the eleventh was (teacher-forced, --max-steps 0, 128 anchors,
+# the same records, anchors and seeds for all), in two one-thread lanes side by side:
+#   lane 1: 32 held-out code records and 32 held-out later turns -> training/runs/smollm2-v14/validate-NAME-{code,turns}.json,
+#           then the bench's MT-Bench prompts (80) -> results/training/bench_prompt_validation_v14_mtbench_cpu_amd.*
+#   lane 2: the lineage's 32 first turns (validate_lineage.sh) -> training/runs/lineage/validations/NAME.json,
+#           then the bench's HumanEval prompts (80) -> results/training/bench_prompt_validation_v14_humaneval_cpu_amd.*
+# Lane 1 validates the shipped twelfth too, as the baseline under the same commands; the lineage and the bench
+# prompts already hold its figures (validate_lineage.sh's twelfth.json; bench_prompt_validation_v13_cpu_amd.md).
+# Files already written are kept (the script resumes). Usage: validate_v14.sh NAME=DRAFTER [NAME=DRAFTER ...]
+set -eu
+cd "$(dirname "$0")/../../.."  # the repository root
+V=training/runs/smollm2-v14 W=$HOME/.cache/treeflash/runs/s30/validate
+mkdir -p $W
+held() {  # NAME DRAFTER KIND DATA HELD_OUT
+    [ -s "$V/validate-$1-$3.json" ] && return 0
+    OMP_NUM_THREADS=1 .venv/bin/treeflash train head --init "$2" --data "$4" --held-out "$5" --finetune-backbone \
+        --anchors 128 --batch-size 8 --max-steps 0 --out "$W/$1-$3" > "$W/$1-$3.json" 2> "$W/$1-$3.err"
+    cp "$W/$1-$3.json" "$V/validate-$1-$3.json"
+}
+T=training/data/smollm2-sharegpt
+lane1() {
+    for pair in twelfth=treeflash/checkpoints/smollm2-135m-instruct-treeflash "$@"; do  # the shipped one: the baseline
+        held "${pair%%=*}" "${pair#*=}" code training/data/smollm2-python-functions training/runs/smollm2-v11/held_out_code.json
+        held "${pair%%=*}" "${pair#*=}" turns $T-turns,$T-turns-b training/runs/smollm2-v9/held_out_turns.json
+    done
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_prompt_validation.py \
+        results/training/bench_prompt_validation_v14_mtbench_cpu_amd.json "$@" --datasets mtbench --prompts 80 --threads 1
+}
+lane2() {
+    training/runs/lineage/validate_lineage.sh training/runs/lineage/validations "$@"
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_prompt_validation.py \
+        results/training/bench_prompt_validation_v14_humaneval_cpu_amd.json "$@" --datasets humaneval --prompts 80 --threads 1
+}
+lane1 "$@" > $W/lane1.log 2>&1 &
+lane2 "$@" > $W/lane2.log 2>&1 &
+wait
+echo done
