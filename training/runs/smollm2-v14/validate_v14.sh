@@ -3,14 +3,17 @@
 # the same records, anchors and seeds for all), in two one-thread lanes side by side:
 #   lane 1: 32 held-out code records and 32 held-out later turns -> training/runs/smollm2-v14/validate-NAME-{code,turns}.json,
 #           then the bench's MT-Bench prompts (80) -> results/training/bench_prompt_validation_v14_mtbench_cpu_amd.*
-#   lane 2: the lineage's 32 first turns (validate_lineage.sh) -> training/runs/lineage/validations/NAME.json,
+#   lane 2: the run's own 64 held-out records (the lineage's 32 first turns and the 32 code records, as train_v14.sh
+#           validates) -> validate-NAME-run64.json; the lineage's 32 first turns (validate_lineage.sh) ->
+#           training/runs/lineage/validations/NAME.json,
 #           then the bench's HumanEval prompts (80) -> results/training/bench_prompt_validation_v14_humaneval_cpu_amd.*
 # Lane 1 validates the shipped twelfth too, as the baseline under the same commands; the lineage and the bench
 # prompts already hold its figures (validate_lineage.sh's twelfth.json; bench_prompt_validation_v13_cpu_amd.md).
 # Files already written are kept (the script resumes). Usage: validate_v14.sh NAME=DRAFTER [NAME=DRAFTER ...]
 set -eu
 cd "$(dirname "$0")/../../.."  # the repository root
-V=training/runs/smollm2-v14 W=$HOME/.cache/treeflash/runs/s30/validate
+V=training/runs/smollm2-v14 R=$HOME/.cache/treeflash/runs/s30
+W=$R/validate
 mkdir -p $W
 held() {  # NAME DRAFTER KIND DATA HELD_OUT
     [ -s "$V/validate-$1-$3.json" ] && return 0
@@ -28,6 +31,10 @@ lane1() {
         results/training/bench_prompt_validation_v14_mtbench_cpu_amd.json "$@" --datasets mtbench --prompts 80 --threads 1
 }
 lane2() {
+    for pair in twelfth=treeflash/checkpoints/smollm2-135m-instruct-treeflash "$@"; do
+        held "${pair%%=*}" "${pair#*=}" run64 $R/data/code.jsonl,$R/data/first.jsonl,$R/data/held.jsonl \
+            training/runs/smollm2-v8/held_out.json,training/runs/smollm2-v11/held_out_code.json
+    done
     training/runs/lineage/validate_lineage.sh training/runs/lineage/validations "$@"
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_prompt_validation.py \
         results/training/bench_prompt_validation_v14_humaneval_cpu_amd.json "$@" --datasets humaneval --prompts 80 --threads 1
