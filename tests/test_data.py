@@ -71,7 +71,10 @@ def test_python_functions_are_signatures_and_docstrings_without_bodies(tmp_path)
         'class Stack:\n'
         '    """A stack."""\n'
         '    def push(self, item):\n        "Put an item on top of the stack."\n        self.items.append(item)\n'
-        '    def _grow(self):\n        """A private method, left out of the prompts."""\n')
+        '    def _grow(self):\n        """A private method, left out of the prompts."""\n'
+        'class Box:\n'
+        '    @property\n    def size(self):\n        """The size of the box, in litres."""\n'
+        '    @size.setter\n    def size(self, value):\n        """Set the size of the box, in litres."""\n')
     (tmp_path / "pkg" / "broken.py").write_text("def oops(:\n")  # does not parse: skipped
     (tmp_path / "tests").mkdir()  # a test directory: skipped
     (tmp_path / "tests" / "helpers.py").write_text('def check(x):\n    """A test helper that is not a prompt."""\n')
@@ -81,6 +84,10 @@ def test_python_functions_are_signatures_and_docstrings_without_bodies(tmp_path)
                                 '    >>> add(1)\n    3\n    """\n',
         "pyfunc-pkg.tools.Stack.push": 'class Stack:\n    def push(self, item):\n'
                                        '        "Put an item on top of the stack."\n',
+        # a property's getter and setter: two prompts, so two ids (record ids must be unique in a data set)
+        "pyfunc-pkg.tools.Box.size": 'class Box:\n    def size(self):\n        """The size of the box, in litres."""\n',
+        "pyfunc-pkg.tools.Box.size-2": 'class Box:\n    def size(self, value):\n'
+                                       '        """Set the size of the box, in litres."""\n',
     }
     with pytest.raises(TreeFlashError, match="is not one; pass python-functions:DIR"):
         data.load_prompts(f"python-functions:{tmp_path / 'missing'}")
@@ -88,7 +95,7 @@ def test_python_functions_are_signatures_and_docstrings_without_bodies(tmp_path)
 
 def test_python_functions_read_the_standard_library_in_a_fixed_order():
     prompts = data.load_prompts("python-functions")
-    assert len(prompts) > 3000 and len({p.text for p in prompts}) == len(prompts)
+    assert len(prompts) > 3000 and len({p.text for p in prompts}) == len(prompts) == len({p.id for p in prompts})
     assert not any(".test." in p.id or p.id.startswith("pyfunc-test.") for p in prompts)
     assert [p.id for p in data.load_prompts("python-functions", limit=20)] == [p.id for p in prompts[:20]]
     assert len({p.id.split(".")[0] for p in prompts[:20]}) > 5  # shuffled: a spread of modules

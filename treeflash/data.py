@@ -214,7 +214,7 @@ def python_functions(root: str | Path | None = None, min_docstring: int = 20,
     top-level function and public method of a public top-level class with a docstring of `min_docstring`+
     characters, as its signature and docstring (a method under its `class` line), like HumanEval's prompts.
     Test directories and files that do not parse are skipped; prompts over `max_characters` are dropped.
-    Ids are `pyfunc-<module>.<qualname>`; the order is a fixed shuffle, so `--limit` takes a spread of modules."""
+    Ids are `pyfunc-<module>.<qualname>` (`-2` on a name's second definition); the order is a fixed shuffle, so `--limit` takes a spread of modules."""
     import random
     import sysconfig
 
@@ -246,11 +246,14 @@ def python_functions(root: str | Path | None = None, min_docstring: int = 20,
                     if _documented(method, min_docstring):
                         body = textwrap.indent(textwrap.dedent(_signature_and_docstring(lines, method)), "    ")
                         found.append((f"{node.name}.{method.name}", f"{header}\n{body}"))
+        named: dict[str, int] = {}  # a name defined twice (a property's getter and setter) gets "-2" on the second
         for qualname, text in found:
             text = text.rstrip() + "\n"
+            named[qualname] = named.get(qualname, 0) + 1
             if len(text) <= max_characters and text not in seen:
                 seen.add(text)
-                prompts.append(Prompt(f"pyfunc-{module}.{qualname}", text))
+                suffix = f"-{named[qualname]}" if named[qualname] > 1 else ""
+                prompts.append(Prompt(f"pyfunc-{module}.{qualname}{suffix}", text))
     random.Random(0).shuffle(prompts)
     return prompts
 
