@@ -210,6 +210,11 @@ def test_several_data_directories_are_read_in_order_and_a_shared_record_is_refus
     assert [s.id for s in reordered] == ["b0", "a0", "a1"] and reordered[2].tokens == [1, 2, 5, 6]
     with pytest.raises(TreeFlashError, match="'a1' is in both"):
         load_sequences(f"{tmp_path / 'a'},{tmp_path / 'c'}")
+    shard("d", [("d0", [3, 4]), ("d0", [5, 6])])  # one data set that repeats an id: named as such, not as "both"
+    with pytest.raises(TreeFlashError, match="'d0' appears twice in .*d; record ids must be unique"):
+        load_sequences(f"{tmp_path / 'a'},{tmp_path / 'd'}")
+    with pytest.raises(TreeFlashError, match="'d0' appears twice in"):
+        load_sequences(tmp_path / "d")
     with pytest.raises(TreeFlashError, match="empty name"):
         load_sequences(f"{tmp_path / 'a'},")
     with pytest.raises(TreeFlashError, match="no training data"):

@@ -617,23 +617,24 @@ def load_sequences(data: str | Path, max_length: int | None = None) -> list[Sequ
     """Read regenerated shards (or any JSONL of {"prompt_ids", "response_ids"}), checking the format.
 
     data: a directory of shards or one JSONL file, or several of them comma-separated (their records in
-    that order; a record id that two of them share is refused, since it would be trained on twice or sit on
-    both sides of the validation split).
+    that order). A record id that two of them share, or that one repeats, is refused, since the record would be
+    trained on twice or sit on both sides of the validation split.
     """
     parts = [p.strip() for p in str(data).split(",")] if isinstance(data, str) and "," in data else [data]
-    if len(parts) > 1:
-        if not all(parts):
-            raise TreeFlashError(f"--data {data!r} holds an empty name; separate the directories by single commas")
-        sequences, origin = [], {}
-        for part in parts:
-            for seq in _load_one(Path(part), max_length):
-                if seq.id in origin:
-                    raise TreeFlashError(f"record {seq.id!r} is in both {origin[seq.id]} and {part}; "
-                                         "pass each data set once (or regenerate one of them)")
-                origin[seq.id] = part
-                sequences.append(seq)
-        return sequences
-    return _load_one(Path(data), max_length)
+    if not all(parts):
+        raise TreeFlashError(f"--data {data!r} holds an empty name; separate the directories by single commas")
+    sequences, origin = [], {}
+    for part in parts:
+        for seq in _load_one(Path(part), max_length):
+            if origin.get(seq.id) == part:
+                raise TreeFlashError(f"record {seq.id!r} appears twice in {part}; record ids must be unique, "
+                                     "so drop or rename one of the two")
+            if seq.id in origin:
+                raise TreeFlashError(f"record {seq.id!r} is in both {origin[seq.id]} and {part}; "
+                                     "pass each data set once (or regenerate one of them)")
+            origin[seq.id] = part
+            sequences.append(seq)
+    return sequences
 
 
 def _load_one(data: Path, max_length: int | None) -> list[Sequence]:
