@@ -7,14 +7,24 @@
 #           validates) -> validate-NAME-run64.json; the lineage's 32 first turns (validate_lineage.sh) ->
 #           training/runs/lineage/validations/NAME.json,
 #           then the bench's HumanEval prompts (80) -> results/training/bench_prompt_validation_v14_humaneval_cpu_amd.*
-# Lane 1 validates the shipped twelfth too, as the baseline under the same commands; the lineage and the bench
-# prompts already hold its figures (validate_lineage.sh's twelfth.json; bench_prompt_validation_v13_cpu_amd.md).
+# Both lanes validate the baseline too (BASE, the shipped twelfth for this run) under the same commands; the lineage
+# and the bench prompts already hold its figures (validate_lineage.sh's twelfth.json; bench_prompt_validation_v13_cpu_amd.md).
 # Files already written are kept (the script resumes). Usage: validate_v14.sh NAME=DRAFTER [NAME=DRAFTER ...]
+# A later run reuses it through the environment (defaults: this run's): V (where the figures go), R (the run's cache,
+# whose data/ holds the held-out records), BASE (the baseline, a drafter of training/runs/lineage/lineage.json,
+# taken from the commit that shipped it) and TAG (the bench-prompt files' name), e.g. smollm2-v15/validate_v15.sh.
 set -eu
 cd "$(dirname "$0")/../../.."  # the repository root
-V=training/runs/smollm2-v14 R=$HOME/.cache/treeflash/runs/s30
+V=${V:-training/runs/smollm2-v14} R=${R:-$HOME/.cache/treeflash/runs/s30} BASE=${BASE:-twelfth} TAG=${TAG:-v14}
 W=$R/validate
 mkdir -p $W
+B=$HOME/.cache/treeflash/lineage/checkpoints/$BASE  # the baseline as shipped (the shipped path moves on)
+if [ ! -s $B/model.safetensors ]; then
+    COMMIT=$(python3 -c "import json, sys; print(*[d['commit'] for d in json.load(open('training/runs/lineage/lineage.json'))['drafters'] if d['name'] == sys.argv[1] and d['commit']])" $BASE)
+    [ -n "$COMMIT" ] || { echo "validate_v14.sh: BASE=$BASE is no shipped drafter of training/runs/lineage/lineage.json" >&2; exit 1; }
+    CKPT=treeflash/checkpoints/smollm2-135m-instruct-treeflash
+    mkdir -p $B && git show $COMMIT:$CKPT/config.json > $B/config.json && git show $COMMIT:$CKPT/model.safetensors > $B/model.safetensors
+fi
 held() {  # NAME DRAFTER KIND DATA HELD_OUT
     [ -s "$V/validate-$1-$3.json" ] && return 0
     OMP_NUM_THREADS=1 .venv/bin/treeflash train head --init "$2" --data "$4" --held-out "$5" --finetune-backbone \
@@ -23,21 +33,21 @@ held() {  # NAME DRAFTER KIND DATA HELD_OUT
 }
 T=training/data/smollm2-sharegpt
 lane1() {
-    for pair in twelfth=treeflash/checkpoints/smollm2-135m-instruct-treeflash "$@"; do  # the shipped one: the baseline
+    for pair in $BASE=$B "$@"; do  # the baseline
         held "${pair%%=*}" "${pair#*=}" code training/data/smollm2-python-functions training/runs/smollm2-v11/held_out_code.json
         held "${pair%%=*}" "${pair#*=}" turns $T-turns,$T-turns-b training/runs/smollm2-v9/held_out_turns.json
     done
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_prompt_validation.py \
-        results/training/bench_prompt_validation_v14_mtbench_cpu_amd.json "$@" --datasets mtbench --prompts 80 --threads 1
+        results/training/bench_prompt_validation_${TAG}_mtbench_cpu_amd.json "$@" --datasets mtbench --prompts 80 --threads 1
 }
 lane2() {
-    for pair in twelfth=treeflash/checkpoints/smollm2-135m-instruct-treeflash "$@"; do
+    for pair in $BASE=$B "$@"; do
         held "${pair%%=*}" "${pair#*=}" run64 $R/data/code.jsonl,$R/data/first.jsonl,$R/data/held.jsonl \
             training/runs/smollm2-v8/held_out.json,training/runs/smollm2-v11/held_out_code.json
     done
     training/runs/lineage/validate_lineage.sh training/runs/lineage/validations "$@"
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_prompt_validation.py \
-        results/training/bench_prompt_validation_v14_humaneval_cpu_amd.json "$@" --datasets humaneval --prompts 80 --threads 1
+        results/training/bench_prompt_validation_${TAG}_humaneval_cpu_amd.json "$@" --datasets humaneval --prompts 80 --threads 1
 }
 lane1 "$@" > $W/lane1.log 2>&1 &
 lane2 "$@" > $W/lane2.log 2>&1 &
