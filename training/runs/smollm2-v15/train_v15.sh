@@ -22,25 +22,8 @@ if [ ! -s $S/model.safetensors ]; then
     [ -d $V12 ] && [ -d $V14 ] || { echo "train_v15.sh: the float32 twelfth ($V12) and v14 ($V14) drafters are needed to rebuild the fourteenth in float32; run train_v12.sh and train_v14.sh first" >&2; exit 1; }
     .venv/bin/treeflash train average $S $V12 $V14 --dtype float32
 fi
-.venv/bin/python - "$R/data" "$H" <<'PY'
-import json, sys
-from pathlib import Path
-out, held = Path(sys.argv[1]), set()
-for f in sys.argv[2].split(","):
-    held.update(json.loads(Path(f).read_text()))
-data = Path("training/data")
-parts = {"code": [data / f"smollm2-python-functions/shard-{i:05d}.jsonl" for i in range(32, 65)],
-         "first": [data / f"smollm2-sharegpt/shard-{i:05d}.jsonl" for i in range(126, 172)]
-                  + sorted((data / "smollm2-sharegpt-rest").glob("shard-*.jsonl")),
-         "held": [data / f"smollm2-python-functions/shard-{i:05d}.jsonl" for i in range(0, 32)]
-                 + sorted((data / "smollm2-sharegpt").glob("shard-*.jsonl"))
-                 + sorted((data / "smollm2-sharegpt-rest").glob("shard-*.jsonl"))}
-for name, files in parts.items():
-    lines = [line for f in files for line in f.read_text().splitlines() if line.strip()]
-    keep = [l for l in lines if (json.loads(l)["id"] in held) == (name == "held")]
-    (out / f"{name}.jsonl").write_text("".join(l + "\n" for l in keep))
-    print(name, len(keep), "records")
-PY
+.venv/bin/python training/runs/split_data.py $R/data $H code=smollm2-python-functions:32-64 first=smollm2-sharegpt:126-171+smollm2-sharegpt-rest \
+    --held-from smollm2-python-functions:0-31+smollm2-sharegpt+smollm2-sharegpt-rest
 D=$R/data/code.jsonl,$R/data/first.jsonl,$R/data/held.jsonl
 OMP_NUM_THREADS=$THREADS nice -n 5 .venv/bin/treeflash train head --data $D --held-out $H \
     --init $S --out $R/v15 --finetune-backbone --lr 1e-4 --anchors 128 --batch-size 8 --seed 15 \
