@@ -21,15 +21,8 @@ validate() {  # NAME CHECKPOINT
     cp "$WORK/$1.json" "$OUT/$1.json"
     echo "$1: $(tail -c 300 "$WORK/$1.err" | grep -o 'val .*' | head -1)"
 }
-CKPT=$(python3 -c "import json; print(json.load(open('training/runs/lineage/lineage.json'))['checkpoint'])")
-python3 -c "import json; [print(d['name'], d['commit']) for d in json.load(open('training/runs/lineage/lineage.json'))['drafters'] if d['commit']]" |
-while read -r name commit; do
-    dir="$WORK/checkpoints/$name"
-    if [ ! -s "$dir/model.safetensors" ]; then
-        mkdir -p "$dir"
-        git show "$commit:$CKPT/config.json" > "$dir/config.json"
-        git show "$commit:$CKPT/model.safetensors" > "$dir/model.safetensors"
-    fi
-    validate "$name" "$dir"
+python3 -c "import json; [print(d['name']) for d in json.load(open('training/runs/lineage/lineage.json'))['drafters'] if d['commit']]" |
+while read -r name; do
+    validate "$name" "$(training/runs/lineage/checkpoint.sh "$name")"
 done
 for extra in "$@"; do validate "${extra%%=*}" "${extra#*=}"; done

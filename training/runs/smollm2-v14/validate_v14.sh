@@ -18,13 +18,7 @@ cd "$(dirname "$0")/../../.."  # the repository root
 V=${V:-training/runs/smollm2-v14} R=${R:-$HOME/.cache/treeflash/runs/s30} BASE=${BASE:-twelfth} TAG=${TAG:-v14}
 W=$R/validate
 mkdir -p $W
-B=$HOME/.cache/treeflash/lineage/checkpoints/$BASE  # the baseline as shipped (the shipped path moves on)
-if [ ! -s $B/model.safetensors ]; then
-    COMMIT=$(python3 -c "import json, sys; print(*[d['commit'] for d in json.load(open('training/runs/lineage/lineage.json'))['drafters'] if d['name'] == sys.argv[1] and d['commit']])" $BASE)
-    [ -n "$COMMIT" ] || { echo "validate_v14.sh: BASE=$BASE is no shipped drafter of training/runs/lineage/lineage.json" >&2; exit 1; }
-    CKPT=treeflash/checkpoints/smollm2-135m-instruct-treeflash
-    mkdir -p $B && git show $COMMIT:$CKPT/config.json > $B/config.json && git show $COMMIT:$CKPT/model.safetensors > $B/model.safetensors
-fi
+B=$(training/runs/lineage/checkpoint.sh $BASE)  # the baseline as shipped (the shipped path moves on)
 held() {  # NAME DRAFTER KIND DATA HELD_OUT
     [ -s "$V/validate-$1-$3.json" ] && return 0
     OMP_NUM_THREADS=1 .venv/bin/treeflash train head --init "$2" --data "$4" --held-out "$5" --finetune-backbone \
