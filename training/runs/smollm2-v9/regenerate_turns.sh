@@ -5,12 +5,13 @@
 # into two directories. Resumes where it stopped (finished shards are kept); run it again to continue.
 # Since 2026-12-05 (shards 19 of turns and 3 of turns-b on) each also writes the feature cache of its shards
 # (--features, taken from the generating passes; not committed: ~7 KB a token), which the shards made before get
-# by a feature pass once all are regenerated. PARTS=a or PARTS=b runs one of the two (default: both).
+# by a feature pass once all are regenerated. PARTS=a or PARTS=b runs one of the two (default: both); THREADS sets
+# each process's torch threads (default 1; part a is finished, so PARTS=b THREADS=2 uses both cores since 2026-12-06).
 set -u
 cd "$(dirname "$0")/../../.."  # the repository root
 F=$HOME/.cache/treeflash/features
 run() {
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/treeflash train data --prompts sharegpt-turns "$@" \
+    OMP_NUM_THREADS=${THREADS:-1} nice -n 5 .venv/bin/treeflash train data --prompts sharegpt-turns "$@" \
         --max-new-tokens 256 --max-prompt-tokens 512 --batch-size 64
 }
 case "${PARTS:-a b}" in *a*)
