@@ -10,7 +10,8 @@ all the shards named with `--held-from`, so the held-out file is the same for ev
 
 A part is NAME=SOURCE[+SOURCE...], a source being a directory of training/data, optionally with a range of shard
 numbers (both ends included; without one, every shard). Writes OUT/NAME.jsonl for each part, without the held-out
-records, and OUT/held.jsonl with only them.
+records, and OUT/held.jsonl with only them. A later turn of a held-out record's conversation (`ID-turnN`) is left
+out of the parts too: its prompt holds the held-out turn.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def records(files: list[Path]) -> list[str]:
     return [line for f in files for line in f.read_text().splitlines() if line.strip()]
 
 
+def conversation(record_id: str) -> str:
+    return record_id.split("-turn")[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
@@ -57,8 +62,13 @@ def main() -> None:
         held.update(json.loads(Path(f).read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
     parts = [part.partition("=")[::2] for part in args.parts] + [("held", args.held_from)]
+    held_conversations = {conversation(i) for i in held}
     for name, spec in parts:
-        keep = [line for line in records(shard_files(spec)) if (json.loads(line)["id"] in held) == (name == "held")]
+        ids = [(line, json.loads(line)["id"]) for line in records(shard_files(spec))]
+        if name == "held":
+            keep = [line for line, i in ids if i in held]
+        else:
+            keep = [line for line, i in ids if conversation(i) not in held_conversations]
         (args.out / f"{name}.jsonl").write_text("".join(line + "\n" for line in keep))
         print(name, len(keep), "records")
 
