@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fifteenth drafter (the shipped one) continued on records no drafter has trained on: the last code shards
 # (smollm2-python-functions 65-75, 665 records) and the later turns regenerated on 2026-12-06 (smollm2-sharegpt-turns-b
-# shards 20 on; LAST_TURNS names the last one written), with the 2,232 first turns of smollm2-sharegpt-rest shards 26-60
+# shards 20 on; LAST_TURNS names the last one written), with the first turns of smollm2-sharegpt-rest shards 26-60 (2,228
+# of their 2,232: four are held out)
 # (drawn about 0.44 times by the v15 run) so that first turns stay more than half of what a step sees.
 # The v15 recipe (head and backbone, 128 anchors, 8 sequences a step, peak lr 1e-4), a new seed (16). It starts from
 # the fifteenth in float32: the uniform average of the fourteenth in float32 and the v15 run, rebuilt with
