@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import treeflash.data as data
-from treeflash.data import (EVAL_SETS, Prompt, _write_shards, dataset_responses, sharegpt_later_turns,
-                            sharegpt_replies)
+from treeflash.data import (EVAL_SETS, Prompt, _write_shards, dataset_responses, load_sequences, read_shard_lines,
+                            sharegpt_later_turns, sharegpt_replies, write_shard_lines)
 from treeflash.errors import TreeFlashError
 
 from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
@@ -113,7 +113,7 @@ def test_dataset_responses_write_the_replies_as_records(model_dir, tmp_path, cap
     prompts = [Prompt("x-reply1", "w3 w4", reply="w5 w6 w7"), Prompt("y-reply1", "w8", reply="w9 w10 w11 w12 w13 w14")]
     counts = dataset_responses(tokenizer, prompts, tmp_path / "d", eos_token_id=2, max_new_tokens=4, progress=False)
     assert counts["written_now"] == 2
-    records = [json.loads(line) for line in (tmp_path / "d" / "shard-00000.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in read_shard_lines(tmp_path / "d" / "shard-00000.jsonl.gz")]
     words = tokenizer.encode("w5 w6 w7", add_special_tokens=False)
     assert records[0]["response_ids"] == (words + [2])[:4] and len(records[1]["response_ids"]) == 4
     assert records[0]["prompt_ids"] == tokenizer.apply_chat_template(prompts[0].messages(), add_generation_prompt=True,
@@ -154,7 +154,7 @@ def test_regeneration_templates_the_whole_conversation(tmp_path):
     meta = {"batch_size": 2, "max_prompt_tokens": 8}
     _write_shards(Tokenizer(), [prompt, Prompt("y", "q")], tmp_path, meta, lambda i, b: [[7] for _ in b], False)
     assert seen[0] == prompt.messages() and seen[1] == [{"role": "user", "content": "q"}]
-    lines = [json.loads(line) for line in (tmp_path / "shard-00000.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in read_shard_lines(tmp_path / "shard-00000.jsonl.gz")]
     assert [(r["id"], r["prompt_ids"]) for r in lines] == [("x-turn2", [0, 1, 2]), ("y", [0])]
 
 
@@ -184,10 +184,10 @@ def test_regeneration_through_our_engine_writes_what_transformers_generate_write
     # A loaded Target (what the CLI passes: no second packed copy of the weights) gives the same shards.
     regenerate(Target(model, tokenizer), tokenizer, prompts, tmp_path / "target", max_new_tokens=12, batch_size=3,
                progress=False)
-    for name in ("shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"):
-        assert (tmp_path / "ours" / name).read_text() == (tmp_path / "theirs" / name).read_text()
-        assert (tmp_path / "target" / name).read_text() == (tmp_path / "ours" / name).read_text()
-    records = [json.loads(line) for line in (tmp_path / "ours" / "shard-00001.jsonl").read_text().splitlines()]
+    for name in ("shard-00000.jsonl.gz", "shard-00001.jsonl.gz", "shard-00002.jsonl.gz"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes()
+        assert (tmp_path / "target" / name).read_bytes() == (tmp_path / "ours" / name).read_bytes()
+    records = [json.loads(line) for line in read_shard_lines(tmp_path / "ours" / "shard-00001.jsonl.gz")]
     alone = Decoder(Target(model, tokenizer)).generate(records[0]["prompt_ids"],
                                                        DecodeConfig(method="ar", max_new_tokens=12))
     assert records[0]["response_ids"] == alone.token_ids
@@ -257,7 +257,23 @@ def test_train_data_interrupted_says_so_in_one_line_and_resumes(model_dir, tmp_p
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "treeflash: interrupted; the same command resumes from what was written"
     assert "Traceback" not in err
-    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.jsonl"]  # whole, and nothing half-written
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.jsonl.gz"]  # whole, and nothing half-written
     monkeypatch.setattr(treeflash.data, "_shard_path", shard_path)
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["written_now"] == 1  # only the shard the interrupt cut off
+
+
+def test_compressed_and_plain_shards_load_the_same(tmp_path):
+    records = [json.dumps({"id": f"r{i}", "prompt_ids": [1, 2, i], "response_ids": list(range(i + 2))})
+               for i in range(5)]
+    for name, suffix in (("plain", ".jsonl"), ("gz", ".jsonl.gz"), ("mixed", None)):
+        (tmp_path / name).mkdir()
+        write_shard_lines(tmp_path / name / f"shard-00000{suffix or '.jsonl'}", records[:3])
+        write_shard_lines(tmp_path / name / f"shard-00001{suffix or '.jsonl.gz'}", records[3:])
+    assert (tmp_path / "gz" / "shard-00000.jsonl.gz").read_bytes()[:2] == b"\x1f\x8b"  # really gzip
+    loaded = {name: load_sequences(tmp_path / name) for name in ("plain", "gz", "mixed")}
+    assert loaded["plain"] == loaded["gz"] == loaded["mixed"] and [s.id for s in loaded["gz"]] == [f"r{i}" for i in range(5)]
+    assert read_shard_lines(tmp_path / "gz" / "shard-00001.jsonl.gz") == records[3:]
+    # Written reproducibly: the same records give the same bytes (no timestamp in the gzip header).
+    write_shard_lines(tmp_path / "again.jsonl.gz", records[:3])
+    assert (tmp_path / "again.jsonl.gz").read_bytes() == (tmp_path / "gz" / "shard-00000.jsonl.gz").read_bytes()

@@ -202,13 +202,13 @@ def test_regeneration_writes_the_feature_cache_of_its_records(model_dir, tmp_pat
         torch.testing.assert_close(cached.features(x, (0, 2)), reference.features(y, (0, 2)), atol=4e-3, rtol=4e-3)
         torch.testing.assert_close(cached.final(x), reference.final(y), atol=4e-3, rtol=4e-3)
     # An interrupted run that lost a cache shard's index: the rerun regenerates nothing and refills it.
-    before = (out / "shard-00001.jsonl").read_text()
+    before = (out / "shard-00001.jsonl.gz").read_bytes()
     (cache / "shard-00001.json").unlink()
     # Until then the cache reads the shards it has, around the gap.
     assert [s.id for s in FeatureCache(cache).sequences] == [s.id for s in records[:3] + records[6:]]
     counts = regenerate(target, tokenizer, prompts, out, features_out=cache, feature_layers=(0, 2), **settings)
     assert counts["written_now"] == 0 and counts["feature_shards_filled"] == 1
-    assert (out / "shard-00001.jsonl").read_text() == before and len(FeatureCache(cache).sequences) == 7
+    assert (out / "shard-00001.jsonl.gz").read_bytes() == before and len(FeatureCache(cache).sequences) == 7
     with pytest.raises(TreeFlashError, match="other settings"):
         regenerate(target, tokenizer, prompts, out, features_out=cache, feature_layers=(1, 2), **settings)
     with pytest.raises(TreeFlashError, match="needs the treeflash engine"):

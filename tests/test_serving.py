@@ -436,8 +436,8 @@ def test_regeneration_through_treeflash_serve_equals_in_process_at_t0(served, mo
     remote = regenerate_via_server(url, tokenizer, prompts, tmp_path / "remote", eos_token_id=1, max_new_tokens=20,
                                    batch_size=3, concurrency=3, progress=False)
     assert remote["retokenized"] == 0 and remote["shards"] == local["shards"] == 3
-    for name in ("shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"):
-        assert (tmp_path / "remote" / name).read_text() == (tmp_path / "local" / name).read_text()
+    for name in ("shard-00000.jsonl.gz", "shard-00001.jsonl.gz", "shard-00002.jsonl.gz"):
+        assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     assert len(load_sequences(tmp_path / "remote")) == 7
     again = regenerate_via_server(url, tokenizer, prompts, tmp_path / "remote", eos_token_id=1, max_new_tokens=20,
                                   batch_size=3, progress=False)

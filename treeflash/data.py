@@ -337,8 +337,42 @@ def exclude_eval_prompts(prompts: list[Prompt], evals: list[str] | None = None) 
 REGENERATION_ENGINES = ("treeflash", "transformers")
 
 
+# Shards are gzip-compressed JSONL (token ids compress ~6x); plain `.jsonl` shards, as written before, read the same.
+SHARD_SUFFIXES = (".jsonl.gz", ".jsonl")
+
+
 def _shard_path(out: Path, index: int) -> Path:
-    return out / f"shard-{index:05d}.jsonl"
+    """Where shard `index` is: the existing file (compressed or plain), else where a new one is written."""
+    for suffix in SHARD_SUFFIXES:
+        path = out / f"shard-{index:05d}{suffix}"
+        if path.exists():
+            return path
+    return out / f"shard-{index:05d}{SHARD_SUFFIXES[0]}"
+
+
+def shard_files(data: Path) -> list[Path]:
+    """The shards of a data directory in order, compressed or plain."""
+    return sorted(p for p in data.glob("shard-*") if p.name.endswith(SHARD_SUFFIXES))
+
+
+def read_shard_lines(path: Path) -> list[str]:
+    """The lines of a shard or JSONL file, gzip-compressed (`.gz`) or plain."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+    return path.read_text().splitlines()
+
+
+def write_shard_lines(path: Path, lines: list[str]) -> None:
+    """Write a shard atomically (a temporary file, then a rename); `.gz` paths are compressed reproducibly."""
+    text = "\n".join(lines) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".gz":
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as f:
+            f.write(text.encode("utf-8"))
+    else:
+        tmp.write_text(text)
+    tmp.rename(path)
 
 
 def regenerate(
@@ -591,14 +625,12 @@ def _write_shards(tokenizer, prompts: list[Prompt], out: str | Path, meta: dict,
     for index, batch in enumerate(batches):
         path = _shard_path(out, index)
         # A shard counts as done only if it holds exactly this batch (a run may be extended with more prompts).
-        if path.exists() and [json.loads(line)["id"] for line in path.read_text().splitlines()] == [i for i, _ in batch]:
+        if path.exists() and [json.loads(line)["id"] for line in read_shard_lines(path)] == [i for i, _ in batch]:
             bar.update(1)
             continue
         lines = [json.dumps({"id": pid, "prompt_ids": ids, "response_ids": response})
                  for (pid, ids), response in zip(batch, responses(index, batch))]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.rename(path)
+        write_shard_lines(path, lines)
         written += len(batch)
         bar.update(1)
     bar.close()
@@ -638,12 +670,12 @@ def load_sequences(data: str | Path, max_length: int | None = None) -> list[Sequ
 
 
 def _load_one(data: Path, max_length: int | None) -> list[Sequence]:
-    files = sorted(data.glob("shard-*.jsonl")) if data.is_dir() else [data]
+    files = shard_files(data) if data.is_dir() else [data]
     if not files or not files[0].exists():
         raise TreeFlashError(f"no training data at {data}; run `treeflash train data` first")
     sequences = []
     for f in files:
-        for n, line in enumerate(f.read_text().splitlines(), 1):
+        for n, line in enumerate(read_shard_lines(f), 1):
             if not line.strip():
                 continue
             try:

@@ -17,6 +17,7 @@ out of the parts too: its prompt holds the held-out turn.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -32,18 +33,18 @@ def shard_files(spec: str) -> list[Path]:
             sys.exit(f"split_data.py: {DATA / name} is not a directory of shards; name one under training/data")
         if span:
             first, _, last = span.partition("-")
-            found = [DATA / name / f"shard-{i:05d}.jsonl" for i in range(int(first), int(last or first) + 1)]
+            found = [DATA / name / f"shard-{i:05d}.jsonl.gz" for i in range(int(first), int(last or first) + 1)]
             missing = [f.name for f in found if not f.is_file()]
             if missing:
                 sys.exit(f"split_data.py: {name} has no {missing[0]}; regenerate it or name a range it holds")
             files += found
         else:
-            files += sorted((DATA / name).glob("shard-*.jsonl"))
+            files += sorted((DATA / name).glob("shard-*.jsonl.gz"))
     return files
 
 
 def records(files: list[Path]) -> list[str]:
-    return [line for f in files for line in f.read_text().splitlines() if line.strip()]
+    return [line for f in files for line in gzip.open(f, "rt").read().splitlines() if line.strip()]
 
 
 def conversation(record_id: str) -> str:
