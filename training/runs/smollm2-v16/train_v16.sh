@@ -20,7 +20,7 @@ S=$R/fifteenth-f32   # the fifteenth drafter in float32
 mkdir -p $R/data
 if [ ! -s $S/model.safetensors ]; then
     F14=$HOME/.cache/treeflash/runs/s31/fourteenth-f32 V15=$HOME/.cache/treeflash/runs/s31/v15/drafter
-    [ -d $F14 ] && [ -d $V15 ] || { echo "train_v16.sh: the float32 fourteenth ($F14) and v15 ($V15) drafters are needed to rebuild the fifteenth in float32; run train_v15.sh first" >&2; exit 1; }
+    [ -d $F14 ] && [ -d $V15 ] || { echo "train_v16.sh: the float32 fourteenth ($F14) and v15 ($V15) drafters are needed to rebuild the fifteenth in float32; they are the v15 run of training/runs/smollm2-v15/train_v15.sh at commit f09108d" >&2; exit 1; }
     .venv/bin/treeflash train average $S $F14 $V15 --dtype float32
 fi
 .venv/bin/python training/runs/split_data.py $R/data $H code=smollm2-python-functions:65-75 \

@@ -1,10 +1,48 @@
 #!/usr/bin/env bash
-# Validate the v16 run's drafters exactly as the v14 and v15 runs' were (smollm2-v14/validate_v14.sh: the run's 64
-# held-out records, 32 held-out code records, 32 held-out later turns, the lineage's 32 first turns, the bench's
-# 80 + 80 prompts), against the fifteenth as shipped (commit 629c01a), validated again under the same commands.
-# Figures go to training/runs/smollm2-v16/validate-NAME-{run64,code,turns}.json, training/runs/lineage/validations/
-# and results/training/bench_prompt_validation_v16_{mtbench,humaneval}_cpu_amd.*. ~25 min for two candidates.
-# Usage: validate_v16.sh NAME=DRAFTER [NAME=DRAFTER ...]   (after train_v16.sh, whose data/ it reads)
+# Validate candidate drafters against a shipped one, teacher-forced (--max-steps 0, 128 anchors, the same records,
+# anchors and seeds for every drafter), in two one-thread lanes side by side:
+#   lane 1: 32 held-out code records and 32 held-out later turns -> $V/validate-NAME-{code,turns}.json,
+#           then the bench's MT-Bench prompts (80) -> results/training/bench_prompt_validation_${TAG}_mtbench_cpu_amd.*
+#   lane 2: the run's own 64 held-out records (the lineage's 32 first turns and the 32 code records, as train_v16.sh
+#           validates) -> $V/validate-NAME-run64.json; the lineage's 32 first turns (validate_lineage.sh) ->
+#           training/runs/lineage/validations/NAME.json,
+#           then the bench's HumanEval prompts (80) -> results/training/bench_prompt_validation_${TAG}_humaneval_cpu_amd.*
+# Both lanes validate the baseline too (BASE, a drafter of training/runs/lineage/lineage.json taken from the commit
+# that shipped it) under the same commands. Files already written are kept, so the script resumes.
+# Defaults are the v16 run's: V (where the figures go), R (the run's cache, whose data/ train_v16.sh wrote),
+# BASE (fifteenth) and TAG (v16). About 25 minutes for two candidates on a 2-core CPU.
+# Usage: validate_v16.sh NAME=DRAFTER [NAME=DRAFTER ...]   (after train_v16.sh)
 set -eu
-V=training/runs/smollm2-v16 R=$HOME/.cache/treeflash/runs/s32 BASE=fifteenth TAG=v16 \
-    exec "$(dirname "$0")/../smollm2-v14/validate_v14.sh" "$@"
+cd "$(dirname "$0")/../../.."  # the repository root
+V=${V:-training/runs/smollm2-v16} R=${R:-$HOME/.cache/treeflash/runs/s32} BASE=${BASE:-fifteenth} TAG=${TAG:-v16}
+W=$R/validate
+mkdir -p $W
+B=$(training/runs/lineage/checkpoint.sh $BASE)  # the baseline as shipped (the shipped path moves on)
+held() {  # NAME DRAFTER KIND DATA HELD_OUT
+    [ -s "$V/validate-$1-$3.json" ] && return 0
+    OMP_NUM_THREADS=1 .venv/bin/treeflash train head --init "$2" --data "$4" --held-out "$5" --finetune-backbone \
+        --anchors 128 --batch-size 8 --max-steps 0 --out "$W/$1-$3" > "$W/$1-$3.json" 2> "$W/$1-$3.err"
+    cp "$W/$1-$3.json" "$V/validate-$1-$3.json"
+}
+T=training/data/smollm2-sharegpt
+lane1() {
+    for pair in $BASE=$B "$@"; do  # the baseline
+        held "${pair%%=*}" "${pair#*=}" code training/data/smollm2-python-functions training/runs/smollm2-v11/held_out_code.json
+        held "${pair%%=*}" "${pair#*=}" turns $T-turns,$T-turns-b training/runs/smollm2-v9/held_out_turns.json
+    done
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_prompt_validation.py \
+        results/training/bench_prompt_validation_${TAG}_mtbench_cpu_amd.json "$@" --datasets mtbench --prompts 80 --threads 1
+}
+lane2() {
+    for pair in $BASE=$B "$@"; do
+        held "${pair%%=*}" "${pair#*=}" run64 $R/data/code.jsonl,$R/data/first.jsonl,$R/data/held.jsonl \
+            training/runs/smollm2-v8/held_out.json,training/runs/smollm2-v11/held_out_code.json
+    done
+    training/runs/lineage/validate_lineage.sh training/runs/lineage/validations "$@"
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_prompt_validation.py \
+        results/training/bench_prompt_validation_${TAG}_humaneval_cpu_amd.json "$@" --datasets humaneval --prompts 80 --threads 1
+}
+lane1 "$@" > $W/lane1.log 2>&1 &
+lane2 "$@" > $W/lane2.log 2>&1 &
+wait
+echo done
