@@ -19,6 +19,14 @@ def target():
     return load_target()
 
 
+def test_the_cached_default_target_names_its_architecture(target):
+    import json
+
+    from treeflash.targets import default_target_path
+
+    assert json.loads((default_target_path() / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
 def test_default_target_shape(target):
     assert (target.num_layers, target.hidden_size, target.num_heads, target.num_kv_heads) == (30, 576, 9, 3)
     assert target.vocab_size == 49152 and target.eos_token_ids[0] == 2
@@ -101,8 +109,8 @@ def test_the_shipped_drafter_reads_its_anchor(target):
     from pathlib import Path
 
     from treeflash.api import resolve_drafter
-    from treeflash.data import load_sequences
-    from treeflash.training import TrainConfig, evaluate
+    from treeflash.train.records import load_sequences
+    from treeflash.train.loop import TrainConfig, evaluate
 
     data = Path(__file__).resolve().parents[1] / "training" / "data" / "smollm2-sharegpt" / "shard-00065.jsonl"
     drafter = resolve_drafter(None, target).float()

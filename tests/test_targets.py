@@ -113,3 +113,20 @@ def test_the_fused_rms_norms_compute_what_the_model_norms_compute(family):
             torch.testing.assert_close(fused(x), module(x), atol=1e-6, rtol=0)
     half = tiny_target(family, dtype=torch.bfloat16)
     assert half.maps[0].input_norm is half.layers[0].input_layernorm  # bfloat16 keeps the module's rounding
+
+
+def test_a_default_target_copy_without_architectures_gets_them(tmp_path):
+    """Copies converted before `architectures` was written get it on their next load (tools such as llama.cpp's
+    converter refuse a config.json without it); the rest of the config is kept."""
+    import json
+
+    from treeflash.targets import _name_architecture
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 576}))
+    _name_architecture(config)
+    assert json.loads(config.read_text()) == {"architectures": ["LlamaForCausalLM"], "hidden_size": 576,
+                                               "model_type": "llama"}
+    config.write_text(json.dumps({"architectures": ["Other"]}))
+    _name_architecture(config)
+    assert json.loads(config.read_text()) == {"architectures": ["Other"]}  # never overwritten

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -350,6 +351,7 @@ def default_target_path() -> Path:
     """A float32 safetensors copy of the embedded SmolLM2-135M-Instruct, converted on first use."""
     out = cache_dir() / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        _name_architecture(out / "config.json")
         return out
     try:
         gguf = importlib.metadata.distribution(_DEFAULT_PACKAGE).locate_file(_DEFAULT_GGUF)
@@ -369,6 +371,7 @@ def default_target_path() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the copy is plain float32
     model.config._name_or_path = DEFAULT_TARGET
+    model.config.architectures = [type(model).__name__]  # tools that read HF directories need it (GGUF loads omit it)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary folder and rename, so an interrupted conversion never leaves a broken cache.
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
@@ -386,6 +389,17 @@ def default_target_path() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _name_architecture(config_file: Path) -> None:
+    """Add `architectures` to a default-target copy converted before it was written (llama.cpp's converter and
+    other tools that read Hugging Face directories refuse a config.json without it)."""
+    config = json.loads(config_file.read_text())
+    if not config.get("architectures"):
+        config["architectures"] = ["LlamaForCausalLM"]  # the embedded SmolLM2 is a Llama
+        tmp = config_file.with_name(config_file.name + ".tmp")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tmp.rename(config_file)
 
 
 def load_target(
