@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from treeflash.analysis import (
+from treeflash.bench.analysis import (
     TreePanel,
     draw_trees,
     full_vocab_probs,

@@ -232,7 +232,7 @@ def test_train_features_skip_caches_a_later_chunk(model_dir, tmp_path, capsys):
     (data / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     base = ["train", "features", "--data", str(data), "--target", str(model_dir)]
     assert main(base + ["--out", str(tmp_path / "c"), "--skip", "3"]) == 0
-    from treeflash.features import FeatureCache
+    from treeflash.train.features import FeatureCache
 
     assert [s.id for s in FeatureCache(tmp_path / "c").sequences] == ["r3", "r4"]
     capsys.readouterr()
@@ -245,7 +245,7 @@ def test_train_features_skip_caches_a_later_chunk(model_dir, tmp_path, capsys):
 def test_train_features_in_two_workers_equals_one_process(model_dir, tmp_path, capsys):
     import numpy as np
 
-    from treeflash.features import FeatureCache
+    from treeflash.train.features import FeatureCache
 
     data = tmp_path / "data"
     data.mkdir()

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-import treeflash.data as data
-from treeflash.data import (EVAL_SETS, Prompt, _write_shards, dataset_responses, load_sequences, read_shard_lines,
+import treeflash.train.records as data
+from treeflash.train.records import (EVAL_SETS, Prompt, _write_shards, dataset_responses, load_sequences, read_shard_lines,
                             sharegpt_later_turns, sharegpt_replies, write_shard_lines)
 from treeflash.errors import TreeFlashError
 
@@ -107,7 +107,7 @@ def test_dataset_responses_write_the_replies_as_records(model_dir, tmp_path, cap
     from transformers import AutoTokenizer
 
     from treeflash.cli import main
-    from treeflash.data import load_sequences
+    from treeflash.train.records import load_sequences
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     prompts = [Prompt("x-reply1", "w3 w4", reply="w5 w6 w7"), Prompt("y-reply1", "w8", reply="w9 w10 w11 w12 w13 w14")]
@@ -171,7 +171,7 @@ def _tiny_model_and_tokenizer(model_dir):  # noqa: F811
 def test_regeneration_through_our_engine_writes_what_transformers_generate_writes(model_dir, tmp_path):  # noqa: F811
     """At T = 0 the engines give the same records (float64: no near-ties), shard for shard, prompts of unequal
     lengths batched together and responses stopping at EOS or at the cap; each response is `ar`'s alone."""
-    from treeflash.data import load_sequences, regenerate
+    from treeflash.train.records import load_sequences, regenerate
     from treeflash.decoding import DecodeConfig, Decoder
     from treeflash.targets import Target
 
@@ -197,7 +197,7 @@ def test_regeneration_through_our_engine_writes_what_transformers_generate_write
 
 
 def test_a_data_directory_keeps_the_engine_it_was_made_with(model_dir, tmp_path):  # noqa: F811
-    from treeflash.data import regenerate
+    from treeflash.train.records import regenerate
 
     model, tokenizer = _tiny_model_and_tokenizer(model_dir)
     prompts = [Prompt(f"p{i}", f"w{i + 3} w{i + 9}") for i in range(4)]
@@ -234,7 +234,7 @@ def test_train_data_cli_regenerates_through_our_engine_by_default(model_dir, tmp
 
 
 def test_train_data_interrupted_says_so_in_one_line_and_resumes(model_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
-    import treeflash.data
+    import treeflash.train.records
     from treeflash.cli import main
 
     prompts = tmp_path / "prompts.jsonl"
@@ -242,14 +242,14 @@ def test_train_data_interrupted_says_so_in_one_line_and_resumes(model_dir, tmp_p
     out = tmp_path / "data"
     argv = ["train", "data", "--prompts", str(prompts), "--target", str(model_dir), "--out", str(out),
             "--max-new-tokens", "5", "--batch-size", "2"]
-    shard_path = treeflash.data._shard_path
+    shard_path = treeflash.train.records._shard_path
 
     def ctrl_c_before_the_second_shard(out_dir, index):
         if index == 1:
             raise KeyboardInterrupt
         return shard_path(out_dir, index)
 
-    monkeypatch.setattr(treeflash.data, "_shard_path", ctrl_c_before_the_second_shard)
+    monkeypatch.setattr(treeflash.train.records, "_shard_path", ctrl_c_before_the_second_shard)
     try:
         assert main(argv) == 130
     except KeyboardInterrupt:
@@ -258,7 +258,7 @@ def test_train_data_interrupted_says_so_in_one_line_and_resumes(model_dir, tmp_p
     assert err.strip().splitlines()[-1] == "treeflash: interrupted; the same command resumes from what was written"
     assert "Traceback" not in err
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.jsonl.gz"]  # whole, and nothing half-written
-    monkeypatch.setattr(treeflash.data, "_shard_path", shard_path)
+    monkeypatch.setattr(treeflash.train.records, "_shard_path", shard_path)
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["written_now"] == 1  # only the shard the interrupt cut off
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from treeflash.decoding import METHODS, DecodeConfig, Decoder
-from treeflash.training import Sequence, TrainConfig, train
+from treeflash.train.loop import Sequence, TrainConfig, train
 
 from helpers import DEVICES, greedy_reference, tiny_drafter, tiny_target
 

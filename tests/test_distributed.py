@@ -144,7 +144,8 @@ def test_the_cli_leaves_at_once_after_a_lost_peer_whatever_teardown_would_wait_o
     still exit, with the error and status 2."""
     code = """
 import argparse, sys, threading
-from treeflash import cli, distributed
+from treeflash import cli
+from treeflash.train import distributed
 threading.Thread(target=threading.Event().wait).start()  # a teardown that never ends
 def lose(args):
     raise distributed.lost_peer(distributed.Ranks(1, 2), 3, RuntimeError("Connection reset by peer"))
@@ -161,7 +162,7 @@ sys.exit(cli.main([]))
 def test_a_failed_collective_anywhere_in_a_step_is_a_lost_peer_only_for_distributed_ranks():
     """The dead-rank error depends on where the run is when the peer dies (forward, all-reduce, backward, the
     clock's broadcast): every such place goes through `peers`, which translates for ranks and not otherwise."""
-    from treeflash import distributed
+    from treeflash.train import distributed
     from treeflash.errors import TreeFlashError
 
     failure = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer\nmore")
@@ -189,7 +190,7 @@ def test_distributed_gpu_recipe_end_to_end_on_tiny_qwen3(tmp_path):
     from test_cli import TEMPLATE, WORDS
     from test_serving import running
     from treeflash.cli import main
-    from treeflash.serving import Server, ServeConfig
+    from treeflash.serve.app import Server, ServeConfig
 
     from helpers import tiny_target
 

@@ -57,8 +57,8 @@ def test_incremental_context_equals_full_context():
 def test_a_grown_drafter_drafts_exactly_as_before_and_its_new_layer_trains(tmp_path):
     """grow_drafter appends layers that start as the identity: the same block hidden states and logits, bit
     for bit, on any context; the deeper drafter saves and loads; training moves the new layer."""
-    from treeflash.data import Sequence
-    from treeflash.training import TrainConfig, train
+    from treeflash.train.records import Sequence
+    from treeflash.train.loop import TrainConfig, train
 
     from helpers import greedy_reference
 

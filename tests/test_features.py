@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from treeflash.errors import TreeFlashError
-from treeflash.features import FeatureCache, build_feature_cache, sequence_features
-from treeflash.training import TrainConfig, target_pass, train
+from treeflash.train.features import FeatureCache, build_feature_cache, sequence_features
+from treeflash.train.loop import TrainConfig, target_pass, train
 
 from helpers import tiny_drafter, tiny_target
 from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
@@ -180,7 +180,7 @@ def test_regeneration_writes_the_feature_cache_of_its_records(model_dir, tmp_pat
     """`regenerate(features_out=...)`: shard i of the cache holds data shard i, as `treeflash train features`
     would cache it; data shards written before without features get a feature pass at the end, and so does a
     cache shard lost to an interruption."""
-    from treeflash.data import Prompt, load_sequences, regenerate
+    from treeflash.train.records import Prompt, load_sequences, regenerate
     from treeflash.targets import Target
 
     model, tokenizer = _tiny_model_and_tokenizer(model_dir)

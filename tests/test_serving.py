@@ -14,8 +14,8 @@ import pytest
 import treeflash
 from treeflash.cli import main
 from treeflash.decoding import DecodeConfig
-from treeflash.scheduler import Detokenizer, _safe_end
-from treeflash.serving import Server, ServeConfig, uvicorn_server
+from treeflash.serve.scheduler import Detokenizer, _safe_end
+from treeflash.serve.app import Server, ServeConfig, uvicorn_server
 
 from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
 
@@ -425,7 +425,7 @@ def test_regeneration_through_treeflash_serve_equals_in_process_at_t0(served, mo
     in-process regeneration writes: prompts sent as token ids, responses returned as token ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from treeflash.data import Prompt, load_sequences, regenerate, regenerate_via_server
+    from treeflash.train.records import Prompt, load_sequences, regenerate, regenerate_via_server
 
     url = served[1]
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -451,7 +451,7 @@ def test_the_completion_client_retries_and_retokenises_text_only_replies(model_d
 
     from transformers import AutoTokenizer
 
-    from treeflash.client import CompletionClient
+    from treeflash.train.client import CompletionClient
 
     calls = []
 

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from treeflash.data import Sequence, load_sequences
+from treeflash.train.records import Sequence, load_sequences
 from treeflash.errors import TreeFlashError
-from treeflash.training import (
+from treeflash.train.loop import (
     TrainConfig,
     block_attention_mask,
     drafter_hidden,
@@ -103,7 +103,7 @@ def _config(**kw):
 
 
 def test_drafter_loss_decreases_and_validation_improves(tmp_path):
-    from treeflash.training import evaluate
+    from treeflash.train.loop import evaluate
 
     target = tiny_target("llama", dtype=torch.float32)
     drafter = _fresh(target)
@@ -124,7 +124,7 @@ def test_drafter_loss_decreases_and_validation_improves(tmp_path):
 
 def test_training_with_a_draft_vocabulary(tmp_path):
     from treeflash.drafters import new_drafter
-    from treeflash.training import draft_vocabulary, evaluate
+    from treeflash.train.loop import draft_vocabulary, evaluate
 
     target = tiny_target("llama", dtype=torch.float32)
     data, config = _sequences(target), _config()
@@ -175,7 +175,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 
 def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(tmp_path):
-    from treeflash.training import STATE_FILE
+    from treeflash.train.loop import STATE_FILE
 
     target = tiny_target("llama", dtype=torch.float32)
     drafter = tiny_drafter(target, block_size=4).float()
@@ -322,7 +322,7 @@ def test_the_held_out_records_do_not_move_with_the_seed(tmp_path):
 
 
 def test_initialize_from_target_copies_the_last_layers():
-    from treeflash.training import initialize_from_target
+    from treeflash.train.loop import initialize_from_target
 
     target = tiny_target("llama", dtype=torch.float32)
     drafter = _fresh(target)
@@ -338,7 +338,7 @@ def test_feature_scale_balances_the_inputs_and_folds_exactly(tmp_path):
     """fc trains behind per-feature powers of two that even out the target's feature magnitudes; putting fc
     behind them and taking it back out changes nothing, bit for bit, and checkpoints hold the folded weights."""
     from treeflash.drafters import load_drafter, save_drafter
-    from treeflash.training import feature_scale, scale_features
+    from treeflash.train.loop import feature_scale, scale_features
 
     target = tiny_target("llama", dtype=torch.float32)
     drafter = _fresh(target)
@@ -396,8 +396,8 @@ def test_the_default_recipe_learns_to_read_the_anchor(tmp_path):
     short run of the default recipe must get close to the best possible accuracy on new sequences, with a
     profile that decays like the data's, and changing the anchor must change its prediction."""
     from treeflash.drafters import new_drafter
-    from treeflash.features import build_feature_cache
-    from treeflash.training import DEFAULT_LAYERS, evaluate
+    from treeflash.train.features import build_feature_cache
+    from treeflash.train.loop import DEFAULT_LAYERS, evaluate
 
     target = tiny_target("llama", dtype=torch.float32)
     build_feature_cache(target, _anchor_walks(160, seed=0), tmp_path / "cache", layers=(1, 2, 4), progress=False)
@@ -415,7 +415,7 @@ def test_the_default_recipe_learns_to_read_the_anchor(tmp_path):
 
 def test_a_padded_batch_equals_each_sequence_alone():
     """Sequences of different lengths and anchor counts in one padded pass give what each gives alone."""
-    from treeflash.training import Example, batch_hidden
+    from treeflash.train.loop import Example, batch_hidden
 
     target = tiny_target("qwen3")
     drafter = tiny_drafter(target, block_size=4)
@@ -448,7 +448,7 @@ def test_target_labels_teach_the_target_on_text_it_did_not_write(tmp_path):
     """On random text (not the target's), cross-entropy on the text's own tokens teaches the text; with
     labels="target" the same run learns the target's greedy tokens at those positions instead, which is what
     verification accepts."""
-    from treeflash.training import evaluate
+    from treeflash.train.loop import evaluate
 
     target = tiny_target("llama", dtype=torch.float32)
     g = torch.Generator().manual_seed(3)

@@ -29,8 +29,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .decoding import DecodeConfig, Generation
-from .errors import TreeFlashError
+from ..decoding import DecodeConfig, Generation
+from ..errors import TreeFlashError
 
 log = logging.getLogger("treeflash.serve")
 
@@ -165,7 +165,7 @@ class Job:
 class Engine:
     """Runs jobs batched on one thread: at most `max_batch` generations at once, `max_queue` more waiting.
 
-    metrics: an object with the counters and histograms of `treeflash.serving.Metrics`."""
+    metrics: an object with the counters and histograms of `treeflash.serve.app.Metrics`."""
 
     def __init__(self, decoder, max_batch: int, max_queue: int, metrics):
         self.decoder, self.max_batch, self.max_queue, self.metrics = decoder, max_batch, max_queue, metrics

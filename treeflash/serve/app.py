@@ -9,7 +9,7 @@ How a request flows:
       -> Engine.submit            the request waits in a bounded queue              -> 503 when full
       -> the engine thread        runs up to `max_batch` generations batched, one round at a time, turns
                                   each round's committed tokens into text and cuts stop sequences
-                                  (treeflash.scheduler)
+                                  (treeflash.serve.scheduler)
       -> asyncio.Queue            text deltas and the final outcome flow back to the handler
 
 This module is the HTTP layer: parsing, responses, errors, metrics. A client that disconnects cancels its
@@ -34,8 +34,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from .decoding import METHODS, DecodeConfig, resolve_budget
-from .errors import TreeFlashError
+from ..decoding import METHODS, DecodeConfig, resolve_budget
+from ..errors import TreeFlashError
 from .scheduler import Engine, EngineBusy, Failure, Job, Outcome, Request
 
 log = logging.getLogger("treeflash.serve")
@@ -710,7 +710,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .api import load
+    from ..api import load
 
     try:
         import starlette  # noqa: F401

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import Sequence
-from .errors import TreeFlashError
-from .targets import Target
+from .records import Sequence
+from ..errors import TreeFlashError
+from ..targets import Target
 
 CACHE_FILE = "cache.json"
 DEFAULT_SHARD_SEQUENCES = 256

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .errors import TreeFlashError
+from ..errors import TreeFlashError
 
 # The longest a collective waits for a peer (rank 0 validates while the others wait); $TREEFLASH_DIST_TIMEOUT
 # (seconds) overrides it.

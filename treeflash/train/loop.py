@@ -15,7 +15,7 @@ Stages:
 
 A step trains on `batch_size` sequences at once: their blocks go through the drafter in one padded pass,
 each sequence's blocks masked to its own context. Target features come from a feature cache
-(`treeflash.features`, made once by `treeflash train features`) or, without one, from an online target pass
+(`treeflash.train.features`, made once by `treeflash train features`) or, without one, from an online target pass
 per sequence. Every validation logs the per-position top-1 profile and the anchor sensitivity (see
 `evaluate`): a drafter that does not read its anchor shows a flat profile and a sensitivity near 0.
 """
@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
-from .data import Sequence
+from .records import Sequence
 from .distributed import Ranks
-from .drafters import Drafter, check_compatible, save_drafter
-from .errors import TreeFlashError
-from .targets import Target
+from ..drafters import Drafter, check_compatible, save_drafter
+from ..errors import TreeFlashError
+from ..targets import Target
 
 # The default drafter shape for `treeflash train drafter` (chosen by measured tokens/s on a 2-core CPU; see
 # training/README.md): depth, block size and how many target layers it reads.
@@ -188,7 +188,7 @@ class OnlineFeatures:
 
 
 class CachedFeatures:
-    """Target features read from a feature cache (see `treeflash.features`)."""
+    """Target features read from a feature cache (see `treeflash.train.features`)."""
 
     def __init__(self, cache, layers: tuple[int, ...]):
         self.cache, self.layers = cache, tuple(layers)
@@ -616,7 +616,7 @@ def train(
     `max_steps` stops early (for sittings; the schedule still spans the whole run); `max_steps=0` only
     validates the drafter as it is (e.g. a checkpoint on another data set's held-out sequences), writing
     nothing. Returns the last metrics.
-    ranks: this process's place in a data-parallel run (`treeflash.distributed`; the process group must be
+    ranks: this process's place in a data-parallel run (`treeflash.train.distributed`; the process group must be
     started): each rank trains on its share of every global batch, rank 0 logs, validates and checkpoints.
     """
     from tqdm.auto import tqdm
@@ -669,7 +669,7 @@ def train(
     step, elapsed = 0, 0.0
     state_file = out / STATE_FILE
     if state_file.exists():
-        from .drafters import load_drafter
+        from ..drafters import load_drafter
 
         state = torch.load(state_file, weights_only=False)
         # A run saved before a field existed holds that field's default.

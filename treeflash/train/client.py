@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from .errors import TreeFlashError
+from ..errors import TreeFlashError
 
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)  # worth another try: busy or briefly broken
 

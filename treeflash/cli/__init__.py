@@ -7,10 +7,9 @@ import json
 import os
 import shlex
 import sys
-import warnings
 
-from .decoding import METHODS, STAGES, DecodeConfig
-from .errors import TreeFlashError
+from ..decoding import METHODS, STAGES, DecodeConfig
+from ..errors import TreeFlashError
 
 
 def _add_model_flags(p: argparse.ArgumentParser, drafter: bool = True) -> None:
@@ -55,7 +54,7 @@ def _add_decode_flags(p: argparse.ArgumentParser) -> None:
 
 
 def decode_config_from_args(args: argparse.Namespace) -> DecodeConfig:
-    from .trees import budget_from_tree_size
+    from ..trees import budget_from_tree_size
 
     budget = args.budget if args.tree_size is None else budget_from_tree_size(args.tree_size)
     return DecodeConfig(
@@ -67,7 +66,7 @@ def decode_config_from_args(args: argparse.Namespace) -> DecodeConfig:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .api import load
+    from ..api import load
 
     config = decode_config_from_args(args)  # validate flags before loading anything
     drafter = "none" if config.method == "ar" and args.drafter is None else args.drafter
@@ -108,10 +107,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     import torch
 
-    from .api import load
-    from .tuning import CALIBRATION_PROMPTS, report, save_tuning, tune
+    from ..api import load
+    from ..tuning import CALIBRATION_PROMPTS, report, save_tuning, tune
 
-    from .trees import check_budget
+    from ..trees import check_budget
 
     # Flags are checked before the model loads.
     budgets = [check_budget(b) for b in _int_list(args.budgets, "--budgets")]
@@ -159,9 +158,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_new_drafter(args: argparse.Namespace) -> int:
-    from .api import parse_dtype
-    from .drafters import new_drafter, save_drafter
-    from .targets import load_target
+    from ..api import parse_dtype
+    from ..drafters import new_drafter, save_drafter
+    from ..targets import load_target
 
     target = load_target(args.target)
     drafter = new_drafter(target, num_hidden_layers=args.layers, block_size=args.block_size, seed=args.seed,
@@ -174,10 +173,10 @@ def cmd_new_drafter(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .api import SHIPPED_DRAFTERS, parse_dtype
-    from .drafters import check_compatible, load_drafter
-    from .export import export_drafter
-    from .targets import DEFAULT_TARGET, load_target
+    from ..api import SHIPPED_DRAFTERS, parse_dtype
+    from ..drafters import check_compatible, load_drafter
+    from ..export import export_drafter
+    from ..targets import DEFAULT_TARGET, load_target
 
     path = SHIPPED_DRAFTERS[DEFAULT_TARGET] if args.drafter == "shipped" else args.drafter
     target_name = args.target or (DEFAULT_TARGET if args.drafter == "shipped" else None)
@@ -195,8 +194,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_train_average(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .api import parse_dtype
-    from .drafters import average_drafters, save_drafter
+    from ..api import parse_dtype
+    from ..drafters import average_drafters, save_drafter
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -212,7 +211,7 @@ def _target_tokenizer(target: str | None):
     """(name, tokenizer) of a target without loading its weights (None = the embedded default)."""
     from transformers import AutoTokenizer
 
-    from .targets import DEFAULT_TARGET, default_target_path
+    from ..targets import DEFAULT_TARGET, default_target_path
 
     name = target or DEFAULT_TARGET
     path = default_target_path() if name == DEFAULT_TARGET else name
@@ -233,8 +232,8 @@ def cmd_train_data(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .data import EVAL_SETS, exclude_eval_prompts, load_prompts, regenerate
-    from .targets import load_target
+    from ..train.records import EVAL_SETS, exclude_eval_prompts, load_prompts, regenerate
+    from ..targets import load_target
 
     if args.prompts in EVAL_SETS:
         raise TreeFlashError(f"{args.prompts} is an evaluation set; train on sharegpt or your own JSONL prompts")
@@ -251,13 +250,13 @@ def cmd_train_data(args: argparse.Namespace) -> int:
     what = "writing the dataset's own" if args.responses == "dataset" else "regenerating"
     print(f"{len(prompts)} prompts from {args.prompts}; {len(dropped)} dropped for overlapping MT-Bench or "
           f"HumanEval; {what} {len(kept)} responses", file=sys.stderr)
-    from .api import parse_dtype
+    from ..api import parse_dtype
 
     if args.responses == "dataset":  # no generation: only the target's tokenizer is needed
         if args.server:
             raise TreeFlashError("--responses dataset writes the dataset's own replies and generates nothing; "
                                  "drop --server")
-        from .data import dataset_responses
+        from ..train.records import dataset_responses
 
         name, tokenizer = _target_tokenizer(args.target)
         counts = dataset_responses(tokenizer, kept, out, tokenizer.eos_token_id, max_new_tokens=args.max_new_tokens,
@@ -267,7 +266,7 @@ def cmd_train_data(args: argparse.Namespace) -> int:
         return 0
 
     if args.server:  # the target's tokenizer templates the prompts; a running server generates
-        from .data import regenerate_via_server
+        from ..train.records import regenerate_via_server
 
         name, tokenizer = _target_tokenizer(args.target)
         eos = tokenizer.eos_token_id
@@ -289,11 +288,11 @@ def cmd_train_data(args: argparse.Namespace) -> int:
 def cmd_train_features(args: argparse.Namespace) -> int:
     import json
 
-    from .data import load_sequences
-    from .drafters import default_target_layer_ids
-    from .features import build_feature_cache
-    from .targets import load_target
-    from .training import DEFAULT_TARGET_LAYERS
+    from ..train.records import load_sequences
+    from ..drafters import default_target_layer_ids
+    from ..train.features import build_feature_cache
+    from ..targets import load_target
+    from ..train.loop import DEFAULT_TARGET_LAYERS
 
     target = load_target(args.target)
     layers = _layers(args.layers) or default_target_layer_ids(target.num_layers, DEFAULT_TARGET_LAYERS)
@@ -331,7 +330,7 @@ def _features_in_workers(args: argparse.Namespace, target, sequences, layers) ->
     import torch
     from tqdm.auto import tqdm
 
-    from .features import check_disk, plan_feature_cache, shards_done_tokens
+    from ..train.features import check_disk, plan_feature_cache, shards_done_tokens
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -372,7 +371,7 @@ def _features_in_workers(args: argparse.Namespace, target, sequences, layers) ->
 
 
 def _train_config_from_args(args: argparse.Namespace, stage: str):
-    from .training import TrainConfig
+    from ..train.loop import TrainConfig
 
     return TrainConfig(
         stage=stage, epochs=args.epochs, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
@@ -391,12 +390,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import distributed
-    from .api import default_device, parse_dtype
-    from .data import load_sequences
-    from .drafters import load_drafter, new_drafter, save_drafter
-    from .targets import load_target
-    from .training import train
+    from ..train import distributed
+    from ..api import default_device, parse_dtype
+    from ..train.records import load_sequences
+    from ..drafters import load_drafter, new_drafter, save_drafter
+    from ..targets import load_target
+    from ..train.loop import train
 
     stage = args.step
     config = _train_config_from_args(args, stage)
@@ -413,7 +412,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if stage == "head" and drafter.ar_approximation is None:
             drafter = _with_head(drafter, target)
         if args.add_layers:
-            from .drafters import grow_drafter
+            from ..drafters import grow_drafter
 
             drafter = grow_drafter(drafter, args.add_layers, seed=args.seed)
             print(f"grew the drafter to {drafter.config.num_hidden_layers} layers (the new ones start as the identity)",
@@ -423,7 +422,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.data and not config.features:
         raise TreeFlashError("training needs data: pass --data (regenerated sequences) or --features (a feature cache)")
     if config.features:
-        from .features import FeatureCache
+        from ..train.features import FeatureCache
 
         sequences = FeatureCache(config.features).sequences[: config.max_sequences]
     else:
@@ -431,19 +430,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.init:
         vocab = None
         if args.draft_vocab:
-            from .training import draft_vocabulary
+            from ..train.loop import draft_vocabulary
 
             vocab, coverage = draft_vocabulary(sequences, args.draft_vocab, always=target.eos_token_ids)
             print(f"draft vocabulary: {vocab.numel()} tokens covering {100 * coverage:.1f}% of response tokens",
                   file=sys.stderr)
-        from .drafters import default_target_layer_ids
+        from ..drafters import default_target_layer_ids
 
         drafter = new_drafter(target, num_hidden_layers=args.layers, block_size=args.block_size, seed=args.seed,
                               draft_vocab=vocab,
                               target_layer_ids=default_target_layer_ids(target.num_layers, args.target_layers))
         drafter.float()  # master weights
         if args.init_from_target:
-            from .training import initialize_from_target
+            from ..train.loop import initialize_from_target
 
             copied = initialize_from_target(drafter, target)
             print(f"initialised {len(copied)} drafter tensors from the target's last layers", file=sys.stderr)
@@ -475,7 +474,7 @@ def _with_head(drafter, target):
     """A copy of a head-less drafter with a fresh (zero) TreeFlash head."""
     import dataclasses
 
-    from .drafters import Drafter
+    from ..drafters import Drafter
 
     config = dataclasses.replace(drafter.config, ar_head=True)
     fresh = Drafter(config).to(device=target.device, dtype=next(drafter.parameters()).dtype)
@@ -485,7 +484,7 @@ def _with_head(drafter, target):
 
 
 def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
-    from .training import TrainConfig
+    from ..train.loop import TrainConfig
 
     d = TrainConfig(stage=stage)
     lr = 1e-3 if stage == "drafter" else 1e-4  # the drafter's: the shipped recipe (training/README.md)
@@ -504,7 +503,7 @@ def _add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
                    help="grow the --init drafter by this many decoder layers, which start as the identity (it drafts "
                         "exactly as before until trained; default: 0)")
     if stage == "drafter":
-        from .training import DEFAULT_BLOCK_SIZE, DEFAULT_LAYERS, DEFAULT_TARGET_LAYERS
+        from ..train.loop import DEFAULT_BLOCK_SIZE, DEFAULT_LAYERS, DEFAULT_TARGET_LAYERS
 
         p.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="layers of a new drafter (default: %(default)s)")
         p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
@@ -581,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: float32)")
     n.set_defaults(func=cmd_new_drafter)
 
-    from .export import FORMATS
+    from ..export import FORMATS
 
     e = sub.add_parser("export", help="write a drafter's DFlash backbone for vLLM, SGLang or the z-lab code")
     e.add_argument("drafter", help="the drafter's directory, or 'shipped' for the default target's")
@@ -595,13 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None, help="dtype of the written weights (default: the checkpoint's)")
     e.set_defaults(func=cmd_export)
 
-    from .serving import add_serve_flags
+    from ..serve.app import add_serve_flags
 
     s = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (needs the `serve` extra)")
     _add_model_flags(s)
     add_serve_flags(s)
 
-    from .tuning import DEFAULT_BUDGETS, DEFAULT_CANDIDATES, DEFAULT_LOOKUPS, DEFAULT_REPEATS, DEFAULT_TUNE_TOKENS
+    from ..tuning import DEFAULT_BUDGETS, DEFAULT_CANDIDATES, DEFAULT_LOOKUPS, DEFAULT_REPEATS, DEFAULT_TUNE_TOKENS
 
     t = sub.add_parser("tune", help="time budgets, candidate counts and lookup lengths on this machine; keep the "
                                     "fastest as defaults")
@@ -622,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="measure and print, but save nothing")
     t.set_defaults(func=cmd_tune)
 
-    from .bench import add_bench_flags
+    from ..bench import add_bench_flags
 
     b = sub.add_parser("bench", help="benchmark every method against ar and transformers generate; report, plots")
     _add_model_flags(b)
@@ -630,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="make training data, train drafters and TreeFlash heads")
     steps = train.add_subparsers(dest="step", required=True)
-    from .data import REGENERATION_ENGINES
+    from ..train.records import REGENERATION_ENGINES
 
     d = steps.add_parser("data", help="regenerate responses to prompts with the target (resumable), or keep a "
                                       "dataset's own")
@@ -671,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --features: comma-separated target layers to cache (default: those a new drafter "
                         "reads)")
     d.set_defaults(func=cmd_train_data, resumes=True)
-    from .features import DEFAULT_SHARD_SEQUENCES
+    from ..train.features import DEFAULT_SHARD_SEQUENCES
 
     f = steps.add_parser("features", help="run the target once over training data and cache its features (resumable)")
     f.add_argument("--data", required=True, help="regenerated data (the --out of `treeflash train data`), or several comma-separated")
@@ -711,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except TreeFlashError as e:
         print(f"treeflash: error: {e}", file=sys.stderr)
-        from .distributed import LostPeer
+        from ..train.distributed import LostPeer
 
         if isinstance(e, LostPeer):  # leave before the traceback's DDP and process group are freed (see LostPeer)
             sys.stdout.flush()
@@ -727,7 +726,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"treeflash: interrupted{again}", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    warnings.simplefilter("default")
-    sys.exit(main())

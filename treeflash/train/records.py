@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import TreeFlashError
+from ..errors import TreeFlashError
 
 EVAL_SETS = ("mtbench", "humaneval", "sharegpt-heldout")
 SHAREGPT_HELDOUT = 384  # the last prompts of ShareGPT, kept out of training for evaluation
@@ -408,7 +408,7 @@ def regenerate(
     float rounding at near-ties (32 of 32 identical on the default model); ours made 162 tokens/s against 65 on
     a 2-core AMD EPYC (float32, 32 ShareGPT prompts x 128 tokens). A directory keeps the engine it was made with.
 
-    `features_out`: also write a feature cache of the records (`treeflash.features`; shard i of the cache holds
+    `features_out`: also write a feature cache of the records (`treeflash.train.features`; shard i of the cache holds
     shard i of the data) of `feature_layers` (default: those a new drafter reads), taken from the passes that
     generate the responses instead of a second target pass (`treeflash train features`). Data shards written
     without it (before, or by an interrupted run) get a feature pass at the end. Only with the "treeflash"
@@ -419,7 +419,7 @@ def regenerate(
     if features_out is not None and engine != "treeflash":
         raise TreeFlashError("capturing features while regenerating needs the treeflash engine; drop --engine "
                              "transformers, or cache them afterwards with `treeflash train features`")
-    from .targets import Target
+    from ..targets import Target
 
     target = model if isinstance(model, Target) else None  # a loaded Target: its packed weights are reused
     model = target.model if target is not None else model
@@ -429,7 +429,7 @@ def regenerate(
             "engine": engine}
     capture = None
     if engine == "treeflash":
-        from .decoding import DecodeConfig, Decoder
+        from ..decoding import DecodeConfig, Decoder
 
         decoder = Decoder(target or Target(model, tokenizer, name=target_name))
         if features_out is not None:
@@ -460,9 +460,9 @@ class _FeatureCapture:
 
     def __init__(self, target, out: str | Path, layers: tuple[int, ...] | None, batch_size: int, source: str | Path,
                  progress: bool):
-        from .drafters import default_target_layer_ids
+        from ..drafters import default_target_layer_ids
         from .features import start_feature_cache
-        from .training import DEFAULT_TARGET_LAYERS
+        from .loop import DEFAULT_TARGET_LAYERS
 
         self.target, self.progress, self.batch_size = target, progress, batch_size
         self.layers = tuple(layers) if layers else default_target_layer_ids(target.num_layers, DEFAULT_TARGET_LAYERS)
@@ -538,7 +538,7 @@ def regenerate_via_server(
 ) -> dict:
     """`regenerate`, with the responses from a running OpenAI-compatible server (vLLM, SGLang, `treeflash
     serve`): `concurrency` requests in flight, retried on failure, the same resumable shards. The target's
-    tokenizer templates the prompts, which go out as token ids; see `treeflash.client` for how responses come
+    tokenizer templates the prompts, which go out as token ids; see `treeflash.train.client` for how responses come
     back as ids. Returns counts, with how many responses were re-tokenised and how many of those did not
     decode back to the server's text."""
     from .client import CompletionClient

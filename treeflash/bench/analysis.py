@@ -25,9 +25,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .decoding import DecodeConfig, Decoder, build_tree
-from .trees import DraftTree
-from .verification import Acceptance, follow
+from ..decoding import DecodeConfig, Decoder, build_tree
+from ..trees import DraftTree
+from ..verification import Acceptance, follow
 
 KS = (1, 4, 16)  # top-k sizes whose share of the target's mass is reported
 COLOURS = {"ar": "#7f7f7f", "hf-generate": "#8c564b", "hf-prompt-lookup": "#e377c2", "dflash": "#1f77b4",
@@ -317,7 +317,7 @@ def plot_results(summaries, out: str | Path) -> dict[str, str]:
     """Bar charts by dataset, the budget sweep and the acceptance-length histogram of a benchmark
     (`bench.summarize` output). Trees show their best budget (highest speedup over ar). Returns
     {title: file name} of the PNGs written into `out`."""
-    from .bench import BASELINES, best_budgets
+    from . import BASELINES, best_budgets
 
     out = Path(out)
     best = best_budgets(summaries)

@@ -48,10 +48,10 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .decoding import DEFAULT_LOOKUP, METHODS, STAGES, DecodeConfig, Decoder, tau
-from .errors import TreeFlashError
-from .packing import cpu_model
-from .trees import check_budget
+from ..decoding import DEFAULT_LOOKUP, METHODS, STAGES, DecodeConfig, Decoder, tau
+from ..errors import TreeFlashError
+from ..packing import cpu_model
+from ..trees import check_budget
 
 HF_GENERATE = "hf-generate"
 HF_PROMPT_LOOKUP = "hf-prompt-lookup"
@@ -337,7 +337,7 @@ class BenchConfig:
     # default of DecodeConfig, so that both the paper's trees and `treeflash generate` are measured)
     lookups: tuple[int, ...] = tuple(sorted({0, DEFAULT_LOOKUP.get("treeflash", 0)}))
     lookup_ngram: int = DecodeConfig.lookup_ngram  # the shortest context suffix a lookup matches, every variant
-    datasets: tuple[str, ...] = DEFAULT_DATASETS  # names for treeflash.data.load_prompts, or JSONL paths
+    datasets: tuple[str, ...] = DEFAULT_DATASETS  # names for treeflash.train.records.load_prompts, or JSONL paths
     prompts: int = 10  # prompts per dataset (the first ones)
     max_new_tokens: int = 256  # per generation; EOS also stops every variant
     temperature: float = 0.0  # 0 = greedy
@@ -808,7 +808,7 @@ def equivalent_command(args: argparse.Namespace, config: BenchConfig, out: Path)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .data import load_prompts
+    from ..train.records import load_prompts
 
     config = bench_config_from_args(args)  # validate flags before loading anything
     if config.analyses:
@@ -835,8 +835,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, config: BenchConfig, sources: dict) -> int:
-    from .api import SHIPPED_DRAFTERS, TextDecoder, default_device, parse_dtype, resolve_drafter
-    from .targets import load_target
+    from ..api import SHIPPED_DRAFTERS, TextDecoder, default_device, parse_dtype, resolve_drafter
+    from ..targets import load_target
 
     started = time.time()
     dtype = parse_dtype(args.dtype)
