@@ -425,7 +425,9 @@ def test_regeneration_through_treeflash_serve_equals_in_process_at_t0(served, mo
     in-process regeneration writes: prompts sent as token ids, responses returned as token ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from treeflash.train.records import Prompt, load_sequences, regenerate, regenerate_via_server
+    from treeflash.train.prompts import Prompt
+    from treeflash.train.records import load_sequences
+    from treeflash.train.regenerate import regenerate, regenerate_via_server
 
     url = served[1]
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -481,7 +483,7 @@ def test_the_completion_client_retries_and_retokenises_text_only_replies(model_d
     thread.start()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        client = CompletionClient(f"http://127.0.0.1:{httpd.server_address[1]}", backoff=0.01)
+        client = CompletionClient(f"http://127.0.0.1:{httpd.server_address[1]}")
         assert client.model == "flaky"
         done = client.complete([2, 10, 3], 8, 0.0, None, tokenizer=tokenizer, eos_token_id=1)
     finally:

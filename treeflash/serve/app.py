@@ -30,12 +30,12 @@ import math
 import numbers
 import secrets
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ..decoding import METHODS, DecodeConfig, resolve_budget
 from ..errors import TreeFlashError
+from .metrics import CONTENT_TYPE, Metrics
 from .scheduler import Engine, EngineBusy, Failure, Job, Outcome, Request
 
 log = logging.getLogger("treeflash.serve")
@@ -43,9 +43,6 @@ log = logging.getLogger("treeflash.serve")
 MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused (413) before it is parsed
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 STREAM_POLL_SECONDS = 0.25  # how often a non-streaming handler checks that its client is still there
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-TAU_BUCKETS = (1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10, 12, 16)
 # Request fields for features this server does not implement: refused when set, rather than ignored.
 UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "function_call", "logit_bias", "echo", "suffix",
                "presence_penalty", "frequency_penalty")
@@ -191,88 +188,6 @@ class _Cancelled(Exception):
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics, in the Prometheus text exposition format
-
-
-class _Family:
-    """One metric: a counter, a gauge or a histogram, with labelled series."""
-
-    def __init__(self, name: str, kind: str, help: str, labels: tuple[str, ...] = (), buckets=()):
-        self.name, self.kind, self.help, self.labels, self.buckets = name, kind, help, labels, tuple(buckets)
-        self.series: dict[tuple, list[float]] = {}  # label values -> [value] or [bucket counts..., sum, count]
-        self._lock = threading.Lock()
-
-    def inc(self, labels: tuple = (), by: float = 1.0) -> None:
-        with self._lock:
-            self.series.setdefault(labels, [0.0])[0] += by
-
-    def set(self, labels: tuple, value: float) -> None:
-        with self._lock:
-            self.series[labels] = [value]
-
-    def observe(self, labels: tuple, value: float) -> None:
-        with self._lock:
-            s = self.series.setdefault(labels, [0.0] * (len(self.buckets) + 2))
-            for i, bound in enumerate(self.buckets):
-                s[i] += value <= bound
-            s[-2] += value
-            s[-1] += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-        def labelled(suffix: str, values: tuple, extra: str = "") -> str:
-            pairs = [f'{k}="{v}"' for k, v in zip(self.labels, values)] + ([extra] if extra else [])
-            return f"{self.name}{suffix}" + ("{" + ",".join(pairs) + "}" if pairs else "")
-
-        with self._lock:
-            for values, s in sorted(self.series.items()):
-                if self.kind != "histogram":
-                    lines.append(f"{labelled('', values)} {s[0]:g}")
-                    continue
-                bounds = [f"{b:g}" for b in self.buckets] + ["+Inf"]
-                for bound, count in zip(bounds, s[:-2] + s[-1:]):
-                    le = f'le="{bound}"'
-                    lines.append(f"{labelled('_bucket', values, le)} {count:g}")
-                lines.append(f"{labelled('_sum', values)} {s[-2]:.6g}")
-                lines.append(f"{labelled('_count', values)} {s[-1]:g}")
-        return lines
-
-
-class Metrics:
-    """What /metrics reports. Token counts are the target's committed tokens, cancelled generations included."""
-
-    def __init__(self):
-        self.requests = _Family("treeflash_requests_total", "counter",
-                                "HTTP requests by endpoint and status code.", ("endpoint", "status"))
-        self.request_seconds = _Family("treeflash_request_duration_seconds", "histogram",
-                                       "Request latency, to the last byte of the response.", ("endpoint",),
-                                       LATENCY_BUCKETS)
-        self.generations = _Family("treeflash_generations_total", "counter",
-                                   "Generations by method and outcome (stop, length, cancelled, error).",
-                                   ("method", "outcome"))
-        self.generated_tokens = _Family("treeflash_generated_tokens_total", "counter",
-                                        "Tokens committed by the target, by method.", ("method",))
-        self.prompt_tokens = _Family("treeflash_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.")
-        self.tau = _Family("treeflash_tau", "histogram",
-                           "tau of each finished generation: mean tokens committed per round, bonus included.",
-                           ("method",), TAU_BUCKETS)
-        self.time_to_first_token = _Family("treeflash_time_to_first_token_seconds", "histogram",
-                                           "From a request's arrival at the engine to its first token.",
-                                           ("method",), LATENCY_BUCKETS)
-        self.batch_size = _Family("treeflash_batch_size", "histogram",
-                                  "Generations in each batched round (one target pass).", (), BATCH_BUCKETS)
-        self.queue_length = _Family("treeflash_queue_length", "gauge", "Requests waiting for the engine.")
-        self.active = _Family("treeflash_active_generations", "gauge", "Generations in progress.")
-
-    def render(self, engine: Engine) -> str:
-        self.queue_length.set((), engine.waiting)
-        self.active.set((), engine.active)
-        families = [v for v in vars(self).values() if isinstance(v, _Family)]
-        return "\n".join(line for f in families for line in f.render()) + "\n"
-
-
-# --------------------------------------------------------------------------------------------------
 # The server, independent of the web framework
 
 
@@ -331,7 +246,7 @@ class Server:
             self.engine.submit(job)
         except EngineBusy as e:
             raise APIError(503, str(e), code="server_overloaded", type="server_error") from None
-        self.metrics.prompt_tokens.inc((), len(request.prompt_ids))
+        self.metrics.prompt_tokens.inc(len(request.prompt_ids))
         reply_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         if request.stream:
             return EventStream(self._stream(job, reply_id))
@@ -355,7 +270,7 @@ class Server:
                                "active_generations": self.engine.active})
 
     def metrics_text(self) -> TextReply:
-        return TextReply(self.metrics.render(self.engine), "text/plain; version=0.0.4; charset=utf-8")
+        return TextReply(self.metrics.render(self.engine.waiting, self.engine.active), CONTENT_TYPE)
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -669,8 +584,8 @@ class _MeasureRequests:
         finally:
             path = scope["path"]
             endpoint = path if path in ENDPOINTS else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
-            self.metrics.requests.inc((endpoint, str(status)))
-            self.metrics.request_seconds.observe((endpoint,), time.perf_counter() - start)
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
 
 
 def uvicorn_server(server: Server, host: str, port: int, log_level: str = "info"):

@@ -165,7 +165,7 @@ class Job:
 class Engine:
     """Runs jobs batched on one thread: at most `max_batch` generations at once, `max_queue` more waiting.
 
-    metrics: an object with the counters and histograms of `treeflash.serve.app.Metrics`."""
+    metrics: the server's `treeflash.serve.metrics.Metrics`."""
 
     def __init__(self, decoder, max_batch: int, max_queue: int, metrics):
         self.decoder, self.max_batch, self.max_queue, self.metrics = decoder, max_batch, max_queue, metrics
@@ -223,7 +223,7 @@ class Engine:
                 self._admit(job)
             if not self._running:
                 continue
-            self.metrics.batch_size.observe((), len(self._running))
+            self.metrics.batch_size.observe(len(self._running))
             try:
                 self.decoder.step([job.generation for job in self._running])
             except Exception as e:  # a bug or an exhausted resource: this batch fails, the engine goes on
@@ -264,8 +264,8 @@ class Engine:
         method = job.request.config.method
         if job.first_token is None:
             job.first_token = time.perf_counter()
-            self.metrics.time_to_first_token.observe((method,), job.first_token - job.submitted)
-        self.metrics.generated_tokens.inc((method,), len(new))
+            self.metrics.time_to_first_token.labels(method).observe(job.first_token - job.submitted)
+        self.metrics.generated_tokens.labels(method).inc(len(new))
         delta = job.text.add(new)
         if delta and job.request.stream:
             job.emit(delta)
@@ -290,17 +290,17 @@ class Engine:
         finish = "stop" if job.text.stopped or g.stop == "eos" else "length"
         stats = self._stats(request.config, g, job.text.stopped, job.admitted - job.submitted,
                             time.perf_counter() - job.admitted)
-        self.metrics.generations.inc((method, finish))
+        self.metrics.generations.labels(method, finish).inc()
         if stats["tau"] is not None:
-            self.metrics.tau.observe((method,), stats["tau"])
+            self.metrics.tau.labels(method).observe(stats["tau"])
         job.emit(Outcome(job.text.text, finish, len(request.prompt_ids), job.text.completion_tokens, stats,
                          job.text.tokens[:job.text.completion_tokens]))
 
     def _cancelled(self, job: Job) -> None:
-        self.metrics.generations.inc((job.request.config.method, "cancelled"))
+        self.metrics.generations.labels(job.request.config.method, "cancelled").inc()
 
     def _fail(self, job: Job, error: BaseException) -> None:
-        self.metrics.generations.inc((job.request.config.method, "error"))
+        self.metrics.generations.labels(job.request.config.method, "error").inc()
         job.emit(Failure(f"the generation failed ({type(error).__name__}: {error})"))
 
     @staticmethod
