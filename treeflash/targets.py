@@ -13,6 +13,7 @@ attention and the key/value cache, so that one forward pass can score a whole dr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -391,6 +392,21 @@ def default_target_path() -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _no_loading_bar():
+    """Hide transformers' per-tensor "Loading weights" bar for one load (a local load takes well under a second,
+    and the bar's two states print as two lines in logs), restoring the caller's setting after."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def _name_architecture(config_file: Path) -> None:
     """Add `architectures` to a default-target copy converted before it was written (llama.cpp's converter and
     other tools that read Hugging Face directories refuse a config.json without it)."""
@@ -420,7 +436,8 @@ def load_target(
         if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1):
             raise TreeFlashError(f"target {name_or_path!r} does not exist; pass a local model directory or a hub id")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except TreeFlashError:
         raise
