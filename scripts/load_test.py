@@ -1,9 +1,9 @@
 """A bounded load test of `treeflash serve` on loopback: requests/s, tokens/s and latency percentiles at
 concurrency 1, 4 and 8, for one-at-a-time serving (--max-batch 1) against batched rounds (--max-batch 8).
 
-    python scripts/load_test.py                                  # starts both servers itself, then stops them
-    python scripts/load_test.py --method treeflash --max-tokens 24 --out results/serving/load_cpu_treeflash
-    python scripts/load_test.py --url http://127.0.0.1:8000      # one server that is already running
+    python scripts/load_test.py --out OUT                        # starts both servers itself, then stops them
+    python scripts/load_test.py --out OUT --method treeflash --max-tokens 24
+    python scripts/load_test.py --out OUT --url http://127.0.0.1:8000   # one server that is already running
 
 Each level sends --requests streamed chat completions (greedy, `ignore_eos`, so each yields exactly
 --max-tokens tokens) from that many client threads at once. The two servers run side by side and take turns
@@ -12,7 +12,7 @@ level by level, so that both see the same machine. Everything stays on 127.0.0.1
 
 Numbers (per level): requests/s = requests / wall seconds of the level; tokens/s = completion tokens of all
 requests / wall seconds; latency = request sent -> last byte; TTFT = request sent -> first text. Writes
-OUT.json and OUT.md (default results/serving/load_cpu).
+OUT.json and OUT.md. Needs the `serve` extra (starlette, uvicorn) and the `openai` client.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import openai
 import torch
 
 from treeflash.api import SHIPPED_DRAFTERS
+from treeflash.machine import cpu_model
 from treeflash.targets import DEFAULT_TARGET
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -74,7 +75,9 @@ class ServeProcess:
     def wait_ready(self, deadline: float) -> None:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SystemExit(f"the server exited ({self.process.returncode}); see {self.log.name}")
+                self.log.flush()
+                tail = "".join(Path(self.log.name).read_text().splitlines(keepends=True)[-15:])
+                raise SystemExit(f"the server exited ({self.process.returncode}); the end of {self.log.name}:\n{tail}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2):
                     return
@@ -166,9 +169,8 @@ def run_level(url: str, model: str, concurrency: int, args, deadline: float) -> 
 
 
 def machine() -> str:
-    from treeflash.packing import cpu_model
-
-    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, no GPU"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {gpu}"
 
 
 def same_texts(level: dict, reference: dict | None) -> str:
@@ -216,42 +218,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def batching_probe(args) -> str:
-    """What one target pass over R requests' trees would buy: the time of one pass over R x n tokens against
-    R passes over n tokens, each after a 64-token context. The stacked pass uses a causal mask, so its
-    attention does more than a ragged one would; the dense layers, most of the time on a small model, are
-    the same work. An upper bound on the verify-stage gain of batching, not a serving measurement."""
-    from treeflash.targets import load_target
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    target = load_target(args.target)
-    context = 64
-
-    def verify_pass(n: int, repeats: int = 5) -> float:
-        cache = target.new_cache(context + n)
-        target.forward(torch.arange(context), torch.arange(context), cache, logits_rows=None)
-        cache.advance(context)
-        tokens, positions = torch.randint(0, 1000, (n,)), torch.arange(context, context + n)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            target.forward(tokens, positions, cache)  # logits for every row, as verification needs
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    lines = ["| tokens per request (n) | requests (R) | R passes of n, ms | one pass of R x n, ms | speed-up |",
-             "|---|---|---|---|---|"]
-    for n in (1, 16, 65):
-        single = verify_pass(n)
-        for r in (4, 8):
-            stacked = verify_pass(r * n)
-            lines.append(f"| {n} | {r} | {1000 * r * single:.1f} | {1000 * stacked:.1f} | {r * single / stacked:.2f}x |")
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="a running server on loopback (default: start servers here)")
     p.add_argument("--target", default=None, help="target for the servers started here (default: SmolLM2)")
     p.add_argument("--drafter", default=None,
@@ -266,23 +234,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: 64)")
     p.add_argument("--time-limit", type=float, default=600, help="seconds for the whole run (default: 600)")
     p.add_argument("--request-timeout", type=float, default=300, help="seconds per request (default: 300)")
-    p.add_argument("--out", default="results/serving/load_cpu", help="output path without extension")
-    p.add_argument("--batching-probe", action="store_true",
-                   help="instead of a load test, time one target pass over R stacked trees against R passes "
-                        "(what batching would buy) and write OUT_batching_probe.md")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for --batching-probe (default: torch's); 1 keeps a busy machine's other "
-                        "work from stalling every parallel op")
+    p.add_argument("--out", required=True, help="output path without extension: writes OUT.json and OUT.md")
     args = p.parse_args()
-    if args.batching_probe:
-        table = batching_probe(args)
-        out = Path(args.out + "_batching_probe.md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(f"Target passes, best of 5, after a 64-token context. Command: "
-                       f"`python scripts/load_test.py {' '.join(sys.argv[1:])}`. Machine: {machine()}; "
-                       f"1-minute load average {os.getloadavg()[0]:.1f}.\n\n{table}")
-        print(out.read_text())
-        return
 
     if args.url and urllib.parse.urlparse(args.url).hostname not in LOOPBACK:
         raise SystemExit("--url must be on this machine (127.0.0.1, localhost or ::1)")

