@@ -7,7 +7,9 @@ import torch
 from treeflash.decoding import METHODS, DecodeConfig, Decoder
 from treeflash.drafters import new_drafter
 
-pytestmark = pytest.mark.slow
+from helpers import needs_default_model
+
+pytestmark = [pytest.mark.slow, needs_default_model]
 
 PROMPTS = ["Write a haiku about the sea.", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\""]
 

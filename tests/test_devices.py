@@ -9,7 +9,7 @@ import torch
 from treeflash.decoding import METHODS, DecodeConfig, Decoder
 from treeflash.train.loop import Sequence, TrainConfig, train
 
-from helpers import DEVICES, greedy_reference, tiny_drafter, tiny_target
+from helpers import DEVICES, greedy_reference, needs_default_model, tiny_drafter, tiny_target
 
 PROMPT = [5, 17, 33, 2, 71, 8, 40]
 
@@ -65,6 +65,7 @@ def test_a_training_step_and_its_validation_run(device, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU (test_default_model.py runs this on the CPU)")
+@needs_default_model
 def test_the_default_model_and_shipped_drafter_on_cuda_equal_ar():
     """The real default target (float32) and the shipped drafter on a GPU, every method with and without
     lookup. (In bfloat16 a tree pass and a one-token pass round differently, so genuine near-ties may go

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import needs_eval_sets
 from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
 
 STEPS = 4  # 8 training sequences, a global batch of 4, 2 epochs
@@ -179,6 +180,7 @@ def test_a_failed_collective_anywhere_in_a_step_is_a_lost_peer_only_for_distribu
             raise ValueError("bad")
 
 
+@needs_eval_sets
 def test_distributed_gpu_recipe_end_to_end_on_tiny_qwen3(tmp_path):
     """docs/gpu-recipe.md on a tiny Qwen3, offline: a z-lab-layout DFlash drafter; regeneration through a
     running server; the feature cache; a TreeFlash head trained on it by 2 torchrun ranks; generation with it
