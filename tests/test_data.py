@@ -10,6 +10,7 @@ from treeflash.train.records import (EVAL_SETS, Prompt, _write_shards, dataset_r
                             sharegpt_later_turns, sharegpt_replies, write_shard_lines)
 from treeflash.errors import TreeFlashError
 
+from helpers import needs_eval_sets
 from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
 
 
@@ -101,6 +102,7 @@ def test_python_functions_read_the_standard_library_in_a_fixed_order():
     assert len({p.id.split(".")[0] for p in prompts[:20]}) > 5  # shuffled: a spread of modules
 
 
+@needs_eval_sets
 def test_dataset_responses_write_the_replies_as_records(model_dir, tmp_path, capsys):  # noqa: F811
     """The dataset's own replies, tokenised, end-of-turn appended, cut at the cap; resumable like regeneration;
     a prompt without a reply is a clear error. Then through the CLI."""
@@ -218,6 +220,7 @@ def test_a_data_directory_keeps_the_engine_it_was_made_with(model_dir, tmp_path)
         regenerate(model, tokenizer, prompts, out, engine="vllm")
 
 
+@needs_eval_sets
 def test_train_data_cli_regenerates_through_our_engine_by_default(model_dir, tmp_path, capsys):  # noqa: F811
     from treeflash.cli import main
 
@@ -233,6 +236,7 @@ def test_train_data_cli_regenerates_through_our_engine_by_default(model_dir, tmp
     assert "holds data made with other settings" in capsys.readouterr().err
 
 
+@needs_eval_sets
 def test_train_data_interrupted_says_so_in_one_line_and_resumes(model_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
     import treeflash.train.records
     from treeflash.cli import main

@@ -12,7 +12,7 @@ from treeflash.errors import TreeFlashError
 from treeflash.train.features import FeatureCache, build_feature_cache, sequence_features
 from treeflash.train.loop import TrainConfig, target_pass, train
 
-from helpers import tiny_drafter, tiny_target
+from helpers import needs_eval_sets, tiny_drafter, tiny_target
 from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
 from test_training import _fresh, _sequences
 
@@ -220,6 +220,7 @@ def test_regeneration_writes_the_feature_cache_of_its_records(model_dir, tmp_pat
     assert not (tmp_path / "new-cache").exists()
 
 
+@needs_eval_sets
 def test_train_data_cli_caches_features_that_training_reads(model_dir, tmp_path, capsys):  # noqa: F811
     from treeflash.cli import main
 
