@@ -4,7 +4,7 @@ exactly what it gets alone (greedy and seeded), whatever joins or leaves the bat
 import pytest
 import torch
 
-from treeflash.decoding import METHODS, DecodeConfig, Decoder, build_tree, build_trees, tree_steps
+from treeflash.decoding import METHODS, STAGES, DecodeConfig, Decoder, build_tree, build_trees, tree_steps
 from treeflash.errors import TreeFlashError
 from treeflash.targets import Segment
 from treeflash.trees import tree_attention_mask
@@ -189,6 +189,39 @@ def test_one_generations_failing_callback_ends_only_that_generation(pair):
     assert healthy.result().token_ids == decoder.generate(PROMPTS[2], config).token_ids
     with pytest.raises(ZeroDivisionError):  # generate() hands the callback's error on
         decoder.generate(PROMPTS[0], config, on_tokens=lambda tokens: 1 / 0)
+
+
+def test_stage_seconds_time_the_stages_each_method_runs(pair):
+    """ar drafts nothing and searches no tree; treeflash's tree search is its "head"; the stages of a sequence's
+    steps fit in its wall time."""
+    target, drafter = pair
+    decoder = Decoder(target, drafter)
+    for method in METHODS:
+        result = decoder.generate(PROMPTS[0], DecodeConfig(method=method, budget=4, max_new_tokens=12, lookup=0))
+        stages = result.stage_seconds
+        assert set(stages) == set(STAGES) - ({"head"} if method != "treeflash" else set())
+        assert (stages["draft"] == 0) == (method == "ar")
+        assert all(seconds > 0 for stage, seconds in stages.items() if stage != "draft" or method != "ar")
+        assert sum(stages.values()) <= result.seconds
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_on_features_sees_the_features_of_every_token_the_target_commits(pair, method):
+    """`on_features` gets, each round, the target features of the positions it committed: the prompt, then each
+    accepted path (root included), so every token but the last (the root of the round not run yet); the
+    drafter's layers for drafting methods, the layers asked for with ar."""
+    target, drafter = pair
+    decoder = Decoder(target, drafter)
+    layers = drafter.config.target_layer_ids if method != "ar" else (0, 5)
+    seen = []
+    g = decoder.start(PROMPTS[0], DecodeConfig(method=method, budget=4, max_new_tokens=15), on_features=seen.append,
+                      feature_layers=(0, 5) if method == "ar" else None)
+    decoder.run([g])
+    assert [f.shape[0] for f in seen] == [len(PROMPTS[0])] + [a + 1 for a in g.acceptance]
+    fed = PROMPTS[0] + g.committed[:-1]  # the last round may have accepted more than max_new_tokens keeps
+    whole = target.forward(torch.tensor(fed), torch.arange(len(fed)), target.new_cache(64), feature_layers=layers,
+                           logits_rows=None).features
+    torch.testing.assert_close(torch.cat(seen)[: len(fed)], whole)
 
 
 def test_generate_batch_checks_its_arguments(pair):

@@ -15,6 +15,8 @@ previous round, which the target has not run on yet); the drafter's cache holds 
 same positions. Statistics (see `DecodeResult`): a round is one target verification pass after the prefill;
 tau = mean over rounds of (accepted drafted tokens + 1 bonus), so `ar` has tau = 1.
 
+`treeflash.reference` is the same loop on one screen, for one sequence, untimed and unbatched: read it first.
+
 Batching: `Decoder.step` runs one round for any number of sequences (`Generation`s) at once, each stage
 batched: one drafter pass over all blocks (`Drafter.draft_batch`), the TreeFlash head's rows of all tree
 searches in one pass per wave (`build_trees`), one ragged target pass over all trees and new prompts
@@ -38,7 +40,7 @@ from .cache import KVCache
 from .drafters import BlockDraft, Drafter, check_compatible
 from .errors import TreeFlashError
 from .ngrams import LOOKUP_MAX_NGRAM, NgramIndex
-from .targets import Segment, Target
+from .targets import Segment, Target, TargetOutput
 from .trees import (
     DraftTree,
     candidate_rows,
@@ -126,9 +128,6 @@ class DecodeResult:
     seed: int | None  # the sampling seed actually used (None when greedy)
     text: str | None = None
     lookup: int = 0  # n-gram lookup tokens grafted per round at most (0 = off)
-    # [prompt + new tokens, k*H] float16: the target's outputs of the layers asked for by
-    # `generate_batch(capture_features=...)` at every token (None unless asked for)
-    features: Tensor | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -206,19 +205,42 @@ def root_only_tree(root: int) -> DraftTree:
     )
 
 
-class _Clock:
-    """Measures the wall time of a step's stages."""
+class _StageClock:
+    """Times one step's phases, each as a stage of STAGES, and charges them to the generations they served.
 
-    def __init__(self, device: torch.device):
+    A phase's time runs to the end of its device work (a CUDA sync per phase), so the stages add up to the step.
+    """
+
+    def __init__(self, device: torch.device, live: list[Generation]):
+        now = time.perf_counter()
+        for g in live:
+            g.started = now if g.started is None else g.started
         self.seconds: dict[str, float] = {}
         self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self._last = time.perf_counter()
 
-    def lap(self, stage: str) -> None:
+    def run(self, stage: str, phase: Callable, *args):
+        """phase(*args), its wall time added to `stage`."""
+        result = phase(*args)
         self._sync()
         now = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
         self._last = now
+        return result
+
+    def charge(self, rounds: list[Generation], prefills: list[Generation], live: list[Generation]) -> None:
+        """Add the step's stages to `Generation.stage_seconds`: a round's own stages (the tree search is "head" for
+        treeflash, "tree" otherwise); for a prefill, its target pass and what followed. Ends the finished ones."""
+        end = time.perf_counter()
+        for g in rounds:
+            for stage in ("draft", "tree", "verify", "commit"):
+                g.stage_seconds[stage] += self.seconds.get(stage, 0.0)
+            g.stage_seconds["head" if g.method == "treeflash" else "tree"] += self.seconds.get("head", 0.0)
+        for g in prefills:
+            g.stage_seconds["prefill"] += sum(self.seconds.get(stage, 0.0) for stage in ("verify", "prefill", "commit"))
+        for g in live:
+            if g.done:
+                g.seconds = end - g.started
 
 
 @dataclasses.dataclass(eq=False)
@@ -237,15 +259,16 @@ class Generation:
     eos: frozenset[int]  # tokens that end the generation
     cache: KVCache  # the target's
     dcache: KVCache | None  # the drafter's (None for ar)
-    feature_layers: tuple[int, ...]  # target layers the drafter reads, or those captured (() for plain ar)
+    feature_layers: tuple[int, ...]  # target layers the drafter reads, or those ar's on_features asks for, or ()
     on_tokens: Callable[[list[int]], bool | None] | None = None
+    # Called each round with `features` [c, k*H], the target features of the positions it committed to the target's
+    # cache (the prompt's after the prefill), e.g. to cache them for training (`treeflash.train.capture`).
+    on_features: Callable[[Tensor], None] | None = None
     ngrams: NgramIndex | None = None  # prompt + committed tokens, indexed for n-gram lookup (None: lookup off)
     lookup: int = 0  # tokens an n-gram lookup grafts per round at most
     committed: list[int] = dataclasses.field(default_factory=list)  # new tokens so far
     acceptance: list[int] = dataclasses.field(default_factory=list)  # accepted drafted tokens per round
     features: Tensor | None = None  # [c, k*H]: context features the drafter has not seen yet
-    # capture_features: every round's `features` in float16 (None: not captured; see `Decoder.generate_batch`)
-    captured: list[Tensor] | None = None
     stop: str | None = None  # why it ended (see DecodeResult.stop_reason); None while in progress
     error: BaseException | None = None  # what `on_tokens` raised, if it did (stop reason "error")
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
@@ -275,10 +298,9 @@ class Generation:
             seed=None if self.sampling.greedy else self.sampling.seed,
             text=text,
             lookup=self.lookup,
-            features=torch.cat(self.captured) if self.captured else None,
         )
 
-    def _commit(self, new: list[int]) -> None:
+    def commit(self, new: list[int]) -> None:
         """Add a round's committed tokens, cut at an end-of-sequence token or at max_new_tokens, and hand
         them to `on_tokens`; sets `stop` when the generation is over."""
         room = self.config.max_new_tokens - len(self.committed)
@@ -342,65 +364,47 @@ class Decoder:
         prompts: Sequence[list[int]],
         config: DecodeConfig | Sequence[DecodeConfig] | None = None,
         max_batch: int = 8,
-        capture_features: tuple[int, ...] = (),
     ) -> list[DecodeResult]:
         """Generate from several prompts (token ids), at most `max_batch` at once: their rounds share the
         drafter's and the target's passes, and a prompt starts as soon as another finishes. `config` is one
         DecodeConfig for all, or one per prompt (methods, budgets and sampling may differ). Each result equals
-        `generate` on that prompt alone (up to float rounding at genuine near-ties, as between methods).
-
-        capture_features: target layers (0-based) whose outputs each result keeps for every token of its prompt
-        and response (`DecodeResult.features`, float16), for a feature cache made while regenerating
-        (`treeflash.features`): the passes that generate compute them anyway, and one more pass over the last
-        tokens adds theirs. Only for `ar`."""
+        `generate` on that prompt alone (up to float rounding at genuine near-ties, as between methods)."""
         configs = list(config) if isinstance(config, (list, tuple)) else [config] * len(prompts)
         if len(configs) != len(prompts):
             raise TreeFlashError(f"got {len(configs)} configs for {len(prompts)} prompts; pass one, or one per prompt")
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise TreeFlashError(f"max_batch must be a whole number >= 1; got {max_batch!r}")
+        _check_max_batch(max_batch)
         generations = [self.start(p, c) for p, c in zip(prompts, configs)]  # validates every prompt first
-        if capture_features:
-            self._capture(generations, tuple(capture_features))
+        self.run(generations, max_batch)
+        return [g.result(self.target.tokenizer) for g in generations]
+
+    @torch.inference_mode()
+    def run(self, generations: list[Generation], max_batch: int = 8) -> None:
+        """Step `generations` (from `start`) to their ends, at most `max_batch` at once: one starts as soon as
+        another finishes."""
+        _check_max_batch(max_batch)
         waiting, active = list(generations), []
         while waiting or active:
             while waiting and len(active) < max_batch:
                 active.append(waiting.pop(0))
             self.step(active)
             active = [g for g in active if not g.done]
-        if capture_features:
-            self._capture_last(generations)
-        return [g.result(self.target.tokenizer) for g in generations]
-
-    def _capture(self, generations: list[Generation], layers: tuple[int, ...]) -> None:
-        """Make `step` keep the target's outputs of `layers` for every token these generations feed it."""
-        if any(g.method != "ar" for g in generations):
-            raise TreeFlashError("capturing target features is for method 'ar' (regeneration); the other methods "
-                                 "read the drafter's layers")
-        if not layers or min(layers) < 0 or max(layers) >= self.target.num_layers:
-            raise TreeFlashError(f"feature layers {list(layers)} are not all layers of the target "
-                                 f"(0..{self.target.num_layers - 1}); choose layers it has")
-        for g in generations:
-            g.feature_layers, g.captured = layers, []
-
-    @torch.inference_mode()
-    def _capture_last(self, generations: list[Generation]) -> None:
-        """The features of each generation's last token, which generating never feeds to the target (it is the
-        root of the round that was not run): one pass over all of them, nothing committed to the caches."""
-        live = [g for g in generations if g.committed]
-        if not live:
-            return
-        device = self.target.device
-        segments = [Segment(torch.tensor(g.committed[-1:], device=device),
-                            torch.tensor([g.cache.length], device=device), g.cache, logits_rows=None)
-                    for g in live]
-        for g, out in zip(live, self.target.forward_batch(segments, feature_layers=live[0].feature_layers)):
-            g.captured.append(out.features.to(torch.float16))
 
     def start(self, prompt_ids: list[int], config: DecodeConfig | None = None,
-              on_tokens: Callable[[list[int]], bool | None] | None = None) -> Generation:
-        """A new generation, checked and with its caches reserved; its first `step` prefills it."""
+              on_tokens: Callable[[list[int]], bool | None] | None = None,
+              on_features: Callable[[Tensor], None] | None = None,
+              feature_layers: tuple[int, ...] | None = None) -> Generation:
+        """A new generation, checked and with its caches reserved; its first `step` prefills it. See `Generation`
+        for `on_tokens` and `on_features`; `feature_layers` (method ar only: the others' are the drafter's) are the
+        target layers (0-based) whose outputs `on_features` receives."""
         config = config or DecodeConfig()
         target, drafter, method = self.target, self.drafter, config.method
+        if feature_layers is not None and method != "ar":
+            raise TreeFlashError(f"choosing the target's feature layers is for method 'ar'; method {method!r} reads "
+                                 "the drafter's layers")
+        if feature_layers is not None and (not feature_layers or min(feature_layers) < 0
+                                           or max(feature_layers) >= target.num_layers):
+            raise TreeFlashError(f"feature layers {list(feature_layers)} are not all layers of the target "
+                                 f"(0..{target.num_layers - 1}); choose layers it has")
         if method != "ar" and drafter is None:
             raise TreeFlashError(f"method {method!r} needs a drafter; pass one, or use method 'ar'")
         if method == "treeflash" and drafter.ar_approximation is None:
@@ -434,8 +438,9 @@ class Decoder:
             cache=target.new_cache(min(target.max_length, n + config.max_new_tokens) + budget + lookup + 1),
             # The drafter caches committed context and writes its whole block after it.
             dcache=drafter.new_cache(n + config.max_new_tokens + drafter.block_size) if method != "ar" else None,
-            feature_layers=drafter.config.target_layer_ids if method != "ar" else (),
+            feature_layers=drafter.config.target_layer_ids if method != "ar" else tuple(feature_layers or ()),
             on_tokens=on_tokens,
+            on_features=on_features,
             ngrams=NgramIndex(prompt_ids, config.lookup_ngram) if lookup else None,
             lookup=lookup,
         )
@@ -444,94 +449,63 @@ class Decoder:
 
     @torch.inference_mode()
     def step(self, generations: list[Generation]) -> None:
-        """One round for each unfinished generation: draft -> build tree -> verify -> follow -> commit, each
-        stage batched over the generations (one drafter pass, the TreeFlash head's rows together, one target
-        pass). Generations not yet started are prefilled in that same target pass instead."""
-        target, device = self.target, self.target.device
+        """One round for each unfinished generation: draft -> search trees -> verify -> accept -> commit, each phase
+        batched over the generations (one drafter pass, the TreeFlash head's rows together, one target pass).
+        Generations not yet started are prefilled in that same target pass instead. Each phase is timed as a
+        stage of STAGES (`_StageClock`)."""
         live = [g for g in generations if not g.done]
-        now = time.perf_counter()
+        clock = _StageClock(self.target.device, live)
+        rounds, prefills = self._schedule(live)
+        drafting = [g for g in rounds if g.method != "ar"]
+        blocks = clock.run("draft", self._draft, drafting) if drafting else {}  # nothing to time (or sync) for ar
+        trees = clock.run("head", self._search_trees, rounds, blocks)
+        trees, segments = clock.run("tree", self._verify_inputs, rounds, trees)
+        outputs, committed = clock.run("verify", self._verify, rounds, trees, segments, prefills, live)
+        committed += clock.run("prefill", self._accept_prefills, prefills, outputs[len(rounds):])
+        clock.run("commit", self._commit, rounds + prefills, committed)
+        clock.charge(rounds, prefills, live)
+
+    def _schedule(self, live: list[Generation]) -> tuple[list[Generation], list[Generation]]:
+        """The generations that run a round and those to prefill; one with no room left in the target's context
+        for its root's successor stops ("context")."""
+        rounds, prefills = [], []
         for g in live:
-            g.started = now if g.started is None else g.started
-        clock = _Clock(device)
-        new = [g for g in live if not g.committed]
-        rounds = []
-        for g in live:
-            if g.committed and g.cache.length + 1 >= target.max_length:  # no room for the root's successor
+            if not g.committed:
+                prefills.append(g)
+            elif g.cache.length + 1 >= self.target.max_length:
                 g.stop = "context"
-            elif g.committed:
+            else:
                 rounds.append(g)
+        return rounds, prefills
 
-        trees = self._draft_trees(rounds, clock)
-        trees, segments = zip(*(self._verify_input(g, tree) for g, tree in zip(rounds, trees))) if rounds else ((), ())
-        segments = list(segments)
-        clock.lap("tree")
-        for g in new:
-            n = len(g.prompt_ids)
-            segments.append(Segment(torch.tensor(g.prompt_ids, device=device), torch.arange(n, device=device),
-                                    g.cache, logits_rows=slice(n - 1, n), features=bool(g.feature_layers)))
-        wanted = next((g.feature_layers for g in live if g.feature_layers), ())
-        outputs = target.forward_batch(segments, feature_layers=wanted)
+    def _draft(self, drafting: list[Generation]) -> dict[Generation, BlockDraft]:
+        """Each generation's block of marginals after its root: one drafter pass over all of them, which also
+        takes in the context features each has not seen yet."""
+        blocks = self.drafter.draft_batch(self.target, [g.committed[-1] for g in drafting],
+                                          [g.features for g in drafting], [g.dcache for g in drafting])
+        return dict(zip(drafting, blocks))
 
-        committed = []  # per round: the tokens it commits
-        for g, tree, out, segment in zip(rounds, trees, outputs, segments):
-            chosen = choose_tokens(out.logits, segment.positions + 1, g.sampling).cpu()
-            accepted = follow(tree, chosen)
-            keep = torch.tensor(accepted.path, device=device)
-            g.cache.compact(keep)
-            if g.feature_layers:
-                g.features = out.features[keep]
-                if g.captured is not None:
-                    g.captured.append(g.features.to(torch.float16))
-            g.acceptance.append(len(accepted.tokens))
-            committed.append(accepted.committed)
-        clock.lap("verify")
-        for g, out in zip(new, outputs[len(rounds):]):
-            n = len(g.prompt_ids)
-            g.cache.advance(n)
-            g.features = out.features  # [n, k*H]: context the drafter has not seen yet
-            if g.captured is not None:
-                g.captured.append(g.features.to(torch.float16))
-            committed.append([int(choose_tokens(out.logits, torch.tensor([n]), g.sampling)[0])])
-        clock.lap("prefill")
-        for g, tokens in zip(rounds + new, committed):
-            g._commit(tokens)
-        clock.lap("commit")
-
-        end = time.perf_counter()
-        for g in rounds:
-            for stage in ("draft", "tree", "verify", "commit"):
-                g.stage_seconds[stage] += clock.seconds.get(stage, 0.0)
-            g.stage_seconds["head" if g.method == "treeflash" else "tree"] += clock.seconds.get("head", 0.0)
-        for g in new:
-            g.stage_seconds["prefill"] += sum(clock.seconds.get(stage, 0.0) for stage in ("verify", "prefill", "commit"))
-        for g in live:
-            if g.done:
-                g.seconds = end - g.started
-
-    def _draft_trees(self, generations: list[Generation], clock: _Clock) -> list[DraftTree]:
-        """Each generation's draft tree after its root: one drafter pass over the blocks of all that draft,
-        then their tree searches, whose TreeFlash head rows are evaluated together (`build_trees`)."""
-        drafting = [g for g in generations if g.method != "ar"]
-        blocks = {}
-        if drafting:
-            drafted = self.drafter.draft_batch(self.target, [g.committed[-1] for g in drafting],
-                                               [g.features for g in drafting], [g.dcache for g in drafting])
-            blocks = dict(zip(map(id, drafting), drafted))
-            clock.lap("draft")
+    def _search_trees(self, rounds: list[Generation], blocks: dict[Generation, BlockDraft]) -> list[DraftTree]:
+        """Each round's draft tree after its root (the root alone for ar): the tree searches, whose TreeFlash head
+        rows are evaluated together (`build_trees`)."""
         searches = []
-        for g in generations:
+        for g in rounds:
             if g.method == "ar":
                 searches.append(root_only_tree(g.committed[-1]))
                 continue
             m = g.config.candidate_tokens
             if m is None and self.tuning is not None:
                 m = self.tuning.candidate_tokens(g.method)
-            searches.append(tree_steps(self.drafter, g.method, g.committed[-1], blocks[id(g)], g.budget,
+            searches.append(tree_steps(self.drafter, g.method, g.committed[-1], blocks[g], g.budget,
                                        g.config.draft_top_k, m))
-        trees = build_trees(self.drafter, self.target, searches)
-        clock.lap("head")
-        return [graft_chain(tree, g.ngrams.continuation(g.lookup)) if g.ngrams is not None else tree
-                for g, tree in zip(generations, trees)]
+        return build_trees(self.drafter, self.target, searches)
+
+    def _verify_inputs(self, rounds: list[Generation], trees: list[DraftTree]) -> tuple[list[DraftTree], list[Segment]]:
+        """The trees to verify (n-gram lookups grafted on, cut to fit the context) and the target's input for each."""
+        trees = [graft_chain(tree, g.ngrams.continuation(g.lookup)) if g.ngrams is not None else tree
+                 for g, tree in zip(rounds, trees)]
+        pairs = [self._verify_input(g, tree) for g, tree in zip(rounds, trees)]
+        return [tree for tree, _ in pairs], [segment for _, segment in pairs]
 
     def _verify_input(self, g: Generation, tree: DraftTree) -> tuple[DraftTree, Segment]:
         """The tree to verify (cut to fit the context) and the target's input for it after g's committed
@@ -547,6 +521,59 @@ class Decoder:
             mask = torch.ones(tree.size + 1, root_position + tree.size + 1, dtype=torch.bool, device=device)
             mask[:, root_position:] = tree_attention_mask(tree).to(device)
         return tree, Segment(tree.tokens.to(device), positions, g.cache, mask, features=bool(g.feature_layers))
+
+    def _verify(self, rounds: list[Generation], trees: list[DraftTree], segments: list[Segment],
+                prefills: list[Generation], live: list[Generation]) -> tuple[list[TargetOutput], list[list[int]]]:
+        """One target pass over the rounds' trees and the prompts to prefill; then, per round, the tokens it
+        commits (`_accept`). Returns the pass's outputs (the prefills' last) and those tokens."""
+        segments = segments + [self._prefill_input(g) for g in prefills]
+        wanted = next((g.feature_layers for g in live if g.feature_layers), ())
+        outputs = self.target.forward_batch(segments, feature_layers=wanted)
+        return outputs, [self._accept(*args) for args in zip(rounds, trees, outputs, segments)]
+
+    def _prefill_input(self, g: Generation) -> Segment:
+        """The target's input for g's prompt: causal, logits for its last token only."""
+        device, n = self.target.device, len(g.prompt_ids)
+        return Segment(torch.tensor(g.prompt_ids, device=device), torch.arange(n, device=device), g.cache,
+                       logits_rows=slice(n - 1, n), features=bool(g.feature_layers))
+
+    def _accept(self, g: Generation, tree: DraftTree, out: TargetOutput, segment: Segment) -> list[int]:
+        """Walk g's tree along the target's choices; keep the accepted path's keys/values and features, and
+        return the tokens the round commits (accepted + bonus)."""
+        chosen = choose_tokens(out.logits, segment.positions + 1, g.sampling).cpu()
+        accepted = follow(tree, chosen)
+        keep = torch.tensor(accepted.path, device=self.target.device)
+        g.cache.compact(keep)
+        if g.feature_layers:
+            g.features = out.features[keep]
+            if g.on_features is not None:
+                g.on_features(g.features)
+        g.acceptance.append(len(accepted.tokens))
+        return accepted.committed
+
+    def _accept_prefills(self, prefills: list[Generation], outputs: list[TargetOutput]) -> list[list[int]]:
+        """Keep each prompt's keys/values and features; return its first token (the first round's root)."""
+        committed = []
+        for g, out in zip(prefills, outputs):
+            n = len(g.prompt_ids)
+            g.cache.advance(n)
+            g.features = out.features  # [n, k*H]: context the drafter has not seen yet
+            if g.feature_layers and g.on_features is not None:
+                g.on_features(g.features)
+            committed.append([int(choose_tokens(out.logits, torch.tensor([n]), g.sampling)[0])])
+        return committed
+
+    @staticmethod
+    def _commit(generations: list[Generation], committed: list[list[int]]) -> None:
+        for g, tokens in zip(generations, committed):
+            g.commit(tokens)
+
+
+def _check_max_batch(max_batch) -> int:
+    """Raise `TreeFlashError` unless `max_batch` is a whole number of sequences >= 1; return it."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise TreeFlashError(f"max_batch must be a whole number >= 1; got {max_batch!r}")
+    return max_batch
 
 
 @dataclasses.dataclass
