@@ -31,7 +31,8 @@ def reference_generate(target: Target, drafter: Drafter | None, prompt_ids: list
                        draft_top_k: int = 16, candidate_tokens: int | None = None,
                        lookup: int = 0) -> tuple[list[int], list[int]]:
     """Decode `prompt_ids` with `method` (ar, dflash, ddtree or treeflash) and `budget` draft nodes per round,
-    grafting up to `lookup` n-gram lookup tokens (`treeflash.ngrams`) onto each tree; stops at an EOS token.
+    grafting up to `lookup` n-gram lookup tokens onto each tree (`treeflash.ngrams`, matching suffixes of 2 to 4
+    tokens, as DecodeConfig's default); stops at an EOS token.
     Returns the new tokens and the acceptance length of every round (the bonus not counted)."""
     sampling, device, n = SamplingConfig(temperature=temperature, seed=seed), target.device, len(prompt_ids)
     eos = set(target.eos_token_ids)
@@ -58,8 +59,9 @@ def reference_generate(target: Target, drafter: Drafter | None, prompt_ids: list
             mask = torch.ones(tree.size + 1, root_position + tree.size + 1, dtype=torch.bool, device=device)
             mask[:, root_position:] = tree_attention_mask(tree).to(device)
         out = target.forward(tree.tokens.to(device), positions, cache, mask, feature_layers=layers)
-        # Accept: walk the children the target chose; commit the path's keys/values and features.
+        # Accept: walk from the root along the children holding the target's own choices.
         accepted = follow(tree, choose_tokens(out.logits, positions + 1, sampling).cpu())
+        # Commit: keep the path's keys/values and features; its tokens and the bonus join the output.
         keep = torch.tensor(accepted.path, device=device)
         cache.compact(keep)
         features = out.features[keep] if layers else None
