@@ -8,31 +8,16 @@ import math
 import pytest
 import torch
 
-from treeflash.bench.analysis import (
-    TreePanel,
-    draw_trees,
-    full_vocab_probs,
-    teacher_forced,
-    teacher_forced_acceptance,
-    top_k_coverage,
-    total_variation,
-    tree_layout,
-)
-from treeflash.bench import (
-    HF_GENERATE,
-    BenchConfig,
-    Run,
-    acceptance_histogram,
-    device_tag,
-    seconds_per_token,
-    speedup,
-    summarize,
-    tau,
-    tokens_per_second,
-)
+from treeflash.bench.analysis import (full_vocab_probs, teacher_forced, teacher_forced_acceptance, top_k_coverage,
+                                      total_variation)
+from treeflash.bench.metrics import (HF_GENERATE, Run, acceptance_histogram, seconds_per_token, speedup, summarize,
+                                     tokens_per_second)
+from treeflash.bench.plots import TreePanel, draw_trees, tree_layout
+from treeflash.bench.runner import BenchConfig
 from treeflash.cli import main
-from treeflash.decoding import Decoder
+from treeflash.decoding import Decoder, tau
 from treeflash.errors import TreeFlashError
+from treeflash.machine import device_tag
 from treeflash.trees import DraftTree
 
 from helpers import OracleDrafter, greedy_reference, tiny_target

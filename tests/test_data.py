@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-import treeflash.train.records as data
-from treeflash.train.records import (EVAL_SETS, Prompt, _write_shards, dataset_responses, load_sequences, read_shard_lines,
-                            sharegpt_later_turns, sharegpt_replies, write_shard_lines)
+import treeflash.train.prompts as data
 from treeflash.errors import TreeFlashError
+from treeflash.train.prompts import EVAL_SETS, Prompt, sharegpt_later_turns, sharegpt_replies
+from treeflash.train.records import load_sequences, read_shard_lines, write_shard_lines, write_shards
+from treeflash.train.regenerate import dataset_responses
 
 from helpers import needs_eval_sets
 from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)
@@ -154,7 +155,7 @@ def test_regeneration_templates_the_whole_conversation(tmp_path):
 
     prompt = Prompt("x-turn2", "q2", (("user", "q1"), ("assistant", "r1")))
     meta = {"batch_size": 2, "max_prompt_tokens": 8}
-    _write_shards(Tokenizer(), [prompt, Prompt("y", "q")], tmp_path, meta, lambda i, b: [[7] for _ in b], False)
+    write_shards(Tokenizer(), [prompt, Prompt("y", "q")], tmp_path, meta, lambda i, b: [[7] for _ in b], False)
     assert seen[0] == prompt.messages() and seen[1] == [{"role": "user", "content": "q"}]
     lines = [json.loads(line) for line in read_shard_lines(tmp_path / "shard-00000.jsonl.gz")]
     assert [(r["id"], r["prompt_ids"]) for r in lines] == [("x-turn2", [0, 1, 2]), ("y", [0])]
@@ -173,7 +174,8 @@ def _tiny_model_and_tokenizer(model_dir):  # noqa: F811
 def test_regeneration_through_our_engine_writes_what_transformers_generate_writes(model_dir, tmp_path):  # noqa: F811
     """At T = 0 the engines give the same records (float64: no near-ties), shard for shard, prompts of unequal
     lengths batched together and responses stopping at EOS or at the cap; each response is `ar`'s alone."""
-    from treeflash.train.records import load_sequences, regenerate
+    from treeflash.train.records import load_sequences
+    from treeflash.train.regenerate import regenerate
     from treeflash.decoding import DecodeConfig, Decoder
     from treeflash.targets import Target
 
@@ -199,7 +201,7 @@ def test_regeneration_through_our_engine_writes_what_transformers_generate_write
 
 
 def test_a_data_directory_keeps_the_engine_it_was_made_with(model_dir, tmp_path):  # noqa: F811
-    from treeflash.train.records import regenerate
+    from treeflash.train.regenerate import regenerate
 
     model, tokenizer = _tiny_model_and_tokenizer(model_dir)
     prompts = [Prompt(f"p{i}", f"w{i + 3} w{i + 9}") for i in range(4)]

@@ -116,9 +116,9 @@ def test_default_drafter_dtype(monkeypatch):
     from treeflash import api
 
     target = tiny_target("llama", dtype=torch.float32)
-    monkeypatch.setattr(api, "_cpu_has_amx", lambda: True)
+    monkeypatch.setattr(api, "cpu_has_amx", lambda: True)
     assert api.default_drafter_dtype(target) == torch.bfloat16
-    monkeypatch.setattr(api, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(api, "cpu_has_amx", lambda: False)
     assert api.default_drafter_dtype(target) == torch.float32
     assert api.default_drafter_dtype(tiny_target("llama", dtype=torch.float64)) == torch.float64
 

@@ -3,16 +3,9 @@ import json
 import pytest
 import torch
 
-from treeflash.drafters import (
-    Drafter,
-    average_drafters,
-    default_target_layer_ids,
-    grow_drafter,
-    load_drafter,
-    new_drafter,
-    save_drafter,
-)
+from treeflash.drafters import Drafter, default_target_layer_ids, load_drafter, new_drafter, save_drafter
 from treeflash.errors import TreeFlashError
+from treeflash.train.surgery import average_drafters, grow_drafter
 
 from helpers import tiny_drafter, tiny_target
 

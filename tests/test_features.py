@@ -180,7 +180,9 @@ def test_regeneration_writes_the_feature_cache_of_its_records(model_dir, tmp_pat
     """`regenerate(features_out=...)`: shard i of the cache holds data shard i, as `treeflash train features`
     would cache it; data shards written before without features get a feature pass at the end, and so does a
     cache shard lost to an interruption."""
-    from treeflash.train.records import Prompt, load_sequences, regenerate
+    from treeflash.train.prompts import Prompt
+    from treeflash.train.records import load_sequences
+    from treeflash.train.regenerate import regenerate
     from treeflash.targets import Target
 
     model, tokenizer = _tiny_model_and_tokenizer(model_dir)

@@ -52,7 +52,7 @@ def test_the_float32_library_follows_the_processor_unless_the_environment_names_
 
     monkeypatch.delenv("TREEFLASH_CPU_GEMM", raising=False)
     for vendor, expected in (("GenuineIntel", "mkl"), ("AuthenticAMD", "onednn"), ("", "onednn")):
-        monkeypatch.setattr(packing, "_cpu_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(packing, "cpu_vendor", lambda v=vendor: v)
         if _available(expected):
             assert float32_backend() == expected, vendor
     monkeypatch.setenv("TREEFLASH_CPU_GEMM", "plain")
@@ -113,11 +113,15 @@ def test_drafter_packs_for_inference_and_repacks_when_its_weights_change():
 
 
 def test_the_processor_is_named_from_cpuinfo(monkeypatch):
-    import treeflash.packing as packing
+    import treeflash.machine as machine
 
-    monkeypatch.setattr(packing, "_cpuinfo", lambda: {"vendor_id": "AuthenticAMD", "model name": "AMD EPYC"})
-    assert packing.cpu_model() == "AMD EPYC" and packing._cpu_vendor() == "AuthenticAMD"
-    monkeypatch.setattr(packing, "_cpuinfo", lambda: {"hardware": "BCM2835"})  # ARM boards
-    assert packing.cpu_model() == "BCM2835"
-    monkeypatch.setattr(packing, "_cpuinfo", lambda: {})  # no /proc/cpuinfo: still a name
-    assert packing.cpu_model()
+    monkeypatch.setattr(machine, "cpuinfo", lambda: {"vendor_id": "AuthenticAMD", "model name": "AMD EPYC"})
+    assert machine.cpu_model() == "AMD EPYC" and machine.cpu_vendor() == "AuthenticAMD"
+    monkeypatch.setattr(machine, "cpuinfo", lambda: {"hardware": "BCM2835"})  # ARM boards
+    assert machine.cpu_model() == "BCM2835"
+    monkeypatch.setattr(machine, "cpuinfo", lambda: {})  # no /proc/cpuinfo: still a name
+    assert machine.cpu_model()
+    monkeypatch.setattr(machine, "cpuinfo", lambda: {"flags": "fpu avx512f amx_bf16 amx_tile"})
+    assert machine.cpu_has_amx()
+    monkeypatch.setattr(machine, "cpuinfo", lambda: {"flags": "fpu avx2"})
+    assert not machine.cpu_has_amx()

@@ -18,7 +18,9 @@ import torch
 from .decoding import DecodeConfig, DecodeResult, Decoder
 from .drafters import Drafter, load_drafter, new_drafter
 from .errors import TreeFlashError
+from .machine import cpu_has_amx
 from .targets import DEFAULT_TARGET, Target, load_target
+from .tuning import load_tuning
 
 # The drafter shipped for the default target (trained by `treeflash train`; see the README).
 SHIPPED_DRAFTERS = {DEFAULT_TARGET: Path(__file__).parent / "checkpoints" / "smollm2-135m-instruct-treeflash"}
@@ -37,18 +39,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _cpu_has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def default_drafter_dtype(target: Target) -> torch.dtype:
     """The drafter's dtype unless one is asked for: bfloat16 for a float32 target on a CPU with AMX, else the
     target's. The drafter only proposes tokens, so its precision never changes an output (the target verifies
     in its own dtype); on AMX its matmuls run 2-9x faster in bfloat16 (see results/speed)."""
-    if target.device.type == "cpu" and target.dtype == torch.float32 and _cpu_has_amx():
+    if target.device.type == "cpu" and target.dtype == torch.float32 and cpu_has_amx():
         return torch.bfloat16
     return target.dtype
 
@@ -85,8 +80,6 @@ def load(
     """Load a target (None = the embedded SmolLM2-135M-Instruct) and a drafter (see `resolve_drafter`).
     `drafter_dtype`: None picks `default_drafter_dtype`. If `treeflash tune` was run for this machine, target
     and drafter, its budget and candidate count become the defaults (see `treeflash.tuning`)."""
-    from .tuning import load_tuning
-
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     drafter_dtype = parse_dtype(drafter_dtype) if isinstance(drafter_dtype, str) else drafter_dtype
     t = load_target(target, dtype=dtype, device=device or default_device())

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .cache import KVCache
@@ -511,7 +512,8 @@ class Drafter(nn.Module):
 # `ar_approximation.*`). Both layouts load.
 
 
-def _state_dict_for_save(drafter: Drafter) -> dict[str, Tensor]:
+def checkpoint_state_dict(drafter: Drafter) -> dict[str, Tensor]:
+    """The tensors a checkpoint holds: the feature scale folded into fc, in the layout of `save_drafter`."""
     sd = {k: v.detach().contiguous() for k, v in drafter.state_dict().items()}
     if drafter.feature_scale is not None:  # fold the training-time feature scale into fc (exact: powers of two)
         sd["fc.weight"] = sd["fc.weight"] * drafter.feature_scale.to(sd["fc.weight"].dtype)[None, :]
@@ -522,12 +524,10 @@ def _state_dict_for_save(drafter: Drafter) -> dict[str, Tensor]:
 
 def save_drafter(drafter: Drafter, path: str | Path, dtype: torch.dtype | None = None, extra: dict | None = None):
     """Write `path`/config.json and `path`/model.safetensors (optionally cast to `dtype`)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = drafter.config.to_json_dict()
-    sd = _state_dict_for_save(drafter)
+    sd = checkpoint_state_dict(drafter)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     config["dtype"] = str(next(v.dtype for v in sd.values() if v.is_floating_point())).removeprefix("torch.")
@@ -543,9 +543,6 @@ def load_drafter(path: str | Path, target: Target | None = None, dtype: torch.dt
     """Load a drafter in our, the z-lab DFlash or the ETH TreeFlash layout, checked against `target`.
 
     It runs in `dtype`, else in the target's dtype, else in the checkpoint's."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_dir():
         raise TreeFlashError(f"drafter directory {path} does not exist; pass a folder with config.json and *.safetensors")
@@ -660,59 +657,3 @@ def new_drafter(target: Target, num_hidden_layers: int = 5, block_size: int = 16
     if draft_vocab is not None:
         drafter.draft_vocab.copy_(draft_vocab)
     return drafter.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)
-
-
-def grow_drafter(drafter: Drafter, layers: int = 1, seed: int = 0) -> Drafter:
-    """A copy of `drafter` with `layers` more decoder layers after its own, which start as the identity: each
-    new layer is initialised like a new drafter's, then its attention output and MLP down projections are
-    zeroed, so its residual branches add exactly nothing and the grown drafter drafts exactly as `drafter` did.
-    Training then moves them (their output projections get gradients at once, the rest as those grow): a
-    deeper drafter that starts from a trained one instead of from scratch."""
-    if layers < 1:
-        raise TreeFlashError(f"grow a drafter by at least one layer; got {layers}")
-    config = dataclasses.replace(drafter.config, num_hidden_layers=drafter.config.num_hidden_layers + layers)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        grown = Drafter(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    p = next(drafter.parameters())
-    grown = grown.to(device=p.device, dtype=p.dtype)
-    missing = grown.load_state_dict(drafter.state_dict(), strict=False).missing_keys
-    old = drafter.config.num_hidden_layers
-    assert all(k.startswith("layers.") and int(k.split(".")[1]) >= old for k in missing), missing
-    with torch.no_grad():
-        for layer in grown.layers[old:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-    return grown.train(drafter.training).requires_grad_(any(q.requires_grad for q in drafter.parameters()))
-
-
-def average_drafters(paths: Sequence[str | Path]) -> Drafter:
-    """The uniform average of the weights of drafters that share one config, in float32. Checkpoints of one
-    lineage (a run and its continuation, or one run's later checkpoints) can average to a drafter that validates
-    above each of them (weight averaging, as in SWA and LAWA; measured on the shipped drafter's lineage in
-    training/README.md). Drafters of different shapes, draft vocabularies or settings cannot be averaged, and a
-    TreeFlashError names the first difference."""
-    if len(paths) < 2:
-        raise TreeFlashError(f"averaging needs at least two drafters; got {len(paths)}")
-    drafters = [load_drafter(p, dtype=torch.float32) for p in paths]
-    first, reference = drafters[0], drafters[0].config.to_json_dict()
-    reference.pop("dtype", None)
-    total = {k: v.clone() for k, v in first.state_dict().items()}
-    for path, drafter in zip(paths[1:], drafters[1:]):
-        config = drafter.config.to_json_dict()
-        config.pop("dtype", None)
-        if config != reference:
-            key = next(k for k in sorted(set(config) | set(reference)) if config.get(k) != reference.get(k))
-            raise TreeFlashError(f"{path} differs from {paths[0]} in its config ({key}: {config.get(key)!r} against "
-                                 f"{reference.get(key)!r}); average only drafters of one shape and setting")
-        for k, v in drafter.state_dict().items():
-            if v.is_floating_point():
-                total[k] += v
-            elif not torch.equal(v, total[k]):
-                raise TreeFlashError(f"{path} differs from {paths[0]} in {k}; average only drafters with the same "
-                                     "draft vocabulary")
-    first.load_state_dict({k: v / len(paths) if v.is_floating_point() else v for k, v in total.items()})
-    return first

@@ -30,8 +30,9 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from .drafters import CONFIG_FILE, WEIGHTS_FILE, Drafter, _state_dict_for_save
+from .drafters import CONFIG_FILE, WEIGHTS_FILE, Drafter, checkpoint_state_dict
 from .errors import TreeFlashError
 
 FORMATS = ("vllm", "sglang", "zlab")
@@ -78,7 +79,7 @@ def export_drafter(drafter: Drafter, out: str | Path, format: str, target=None, 
 
     config = dataclasses.replace(drafter.config, ar_head=False, draft_vocab_size=drafter.config.draft_vocab_size
                                  if reduced else None)
-    weights = {k.removeprefix("model."): v for k, v in _state_dict_for_save(drafter).items()}
+    weights = {k.removeprefix("model."): v for k, v in checkpoint_state_dict(drafter).items()}
     weights = {k: v for k, v in weights.items() if not k.startswith("ar_approximation.") and k != "draft_vocab"}
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
@@ -92,8 +93,6 @@ def export_drafter(drafter: Drafter, out: str | Path, format: str, target=None, 
     raw["dtype"] = str(floating).removeprefix("torch.")
     raw["target_hidden_size"] = config.hidden_size  # vLLM reads it (falls back to hidden_size)
     raw["exported_by"] = {"tool": "treeflash export", "format": format}
-
-    from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS_FILE + ".tmp")

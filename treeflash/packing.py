@@ -26,9 +26,7 @@ tree verification run through the same packed maps.
 
 from __future__ import annotations
 
-import functools
 import os
-import platform
 from typing import Sequence
 
 import torch
@@ -36,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import TreeFlashError
+from .machine import cpu_vendor
 
 # The batch size MKL and oneDNN are told to lay a weight out for. It is only a hint: any number of rows works.
 PACK_ROWS_HINT = 64
@@ -51,34 +50,6 @@ _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.b
 _FLOAT32_BACKENDS = ("mkl", "onednn", "plain")
 
 
-@functools.cache
-def _cpuinfo() -> dict[str, str]:
-    """/proc/cpuinfo's fields (lower-case names, each name's first value); empty where there is none."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                name, sep, value = line.partition(":")
-                if sep:
-                    info.setdefault(name.strip().lower(), value.strip())
-    except OSError:
-        pass
-    return info
-
-
-def _cpu_vendor() -> str:
-    return _cpuinfo().get("vendor_id") or platform.processor()
-
-
-def cpu_model() -> str:
-    """The processor's name, for reports of where something was measured (e.g. "AMD EPYC")."""
-    info = _cpuinfo()
-    for name in ("model name", "hardware", "cpu model"):
-        if info.get(name):
-            return info[name]
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def float32_backend() -> str | None:
     """The library that packs float32 weights here: $TREEFLASH_CPU_GEMM if set, else "mkl" on an Intel CPU and
     "onednn" on any other (see the module docstring); None where this build of torch has neither."""
@@ -86,7 +57,7 @@ def float32_backend() -> str | None:
     if choice is not None and choice not in _FLOAT32_BACKENDS:
         raise TreeFlashError(f"TREEFLASH_CPU_GEMM must be one of {', '.join(_FLOAT32_BACKENDS)}; got {choice!r}")
     if choice is None:
-        choice = "mkl" if _cpu_vendor() == "GenuineIntel" and _MKL_LINEAR is not None else "onednn"
+        choice = "mkl" if cpu_vendor() == "GenuineIntel" and _MKL_LINEAR is not None else "onednn"
     available = {"mkl": _MKL_LINEAR is not None, "onednn": _ONEDNN_LINEAR is not None, "plain": False}
     return choice if available[choice] else None
 

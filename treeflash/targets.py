@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_model
 from torch import Tensor
 
 from .cache import KVCache
@@ -378,8 +379,6 @@ def default_target_path() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
     try:
         # save_pretrained refuses models loaded from GGUF, though these weights are plain float32 now.
-        from safetensors.torch import save_model
-
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)

@@ -33,7 +33,7 @@ import torch
 
 from .decoding import DecodeConfig, Decoder, resolve_lookup, tau
 from .errors import TreeFlashError
-from .packing import cpu_model
+from .machine import cpu_model
 from .targets import cache_dir
 from .trees import check_budget
 

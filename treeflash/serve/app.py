@@ -20,7 +20,6 @@ sends can stop the server.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -29,7 +28,6 @@ import logging
 import math
 import numbers
 import secrets
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -595,51 +593,3 @@ def uvicorn_server(server: Server, host: str, port: int, log_level: str = "info"
     config = uvicorn.Config(build_app(server), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5)  # then open streams are cancelled, and their generations
     return uvicorn.Server(config)
-
-
-# --------------------------------------------------------------------------------------------------
-# The command
-
-
-def add_serve_flags(p: argparse.ArgumentParser) -> None:
-    """`treeflash serve` flags (the model flags come from cli.py); one per ServeConfig field."""
-    d = ServeConfig()
-    p.add_argument("--host", default=d.host, help=f"address to listen on (default: {d.host})")
-    p.add_argument("--port", type=int, default=d.port, help=f"port to listen on (default: {d.port})")
-    p.add_argument("--model-name", default=None, help="the model id clients pass (default: the target's name)")
-    p.add_argument("--method", choices=METHODS, default=d.method,
-                   help=f"decoding method of requests that name none (default: {d.method})")
-    p.add_argument("--budget", type=int, default=None,
-                   help="draft nodes per round for requests that name none (default: the tuned budget, else 4 on "
-                        "a CPU and 64 on a GPU for trees; b-1 for dflash)")
-    p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help=f"requests that may wait for the engine; more get 503 (default: {d.max_queue})")
-    p.add_argument("--max-batch", type=int, default=d.max_batch,
-                   help="generations run at once, batched: their rounds share the drafter's and the target's "
-                        f"passes; 1 serves one request at a time (default: {d.max_batch})")
-    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
-                   help=f"the most new tokens a request may ask for, and the default (default: {d.max_tokens_limit})")
-    p.add_argument("--max-budget", type=int, default=d.max_budget,
-                   help=f"the largest budget a request may ask for (default: {d.max_budget})")
-    p.set_defaults(func=cmd_serve)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from ..api import load
-
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise TreeFlashError("serving needs starlette and uvicorn; install them with "
-                             "`pip install 'treeflash[serve]'`") from None
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)}
-    config = ServeConfig(**fields)  # validate flags before loading anything
-    decoder = load(args.target, args.drafter, device=args.device, dtype=args.dtype,
-                   drafter_dtype=getattr(args, "drafter_dtype", None))
-    server = Server(decoder, config)
-    logging.basicConfig(level=logging.INFO, format="[treeflash] %(message)s")
-    print(f"[treeflash] serving {server.model_name} (method {server.config.method}, max_batch {config.max_batch}) at "
-          f"http://{config.host}:{config.port}/v1", file=sys.stderr, flush=True)
-    uvicorn_server(server, config.host, config.port).run()
-    return 0

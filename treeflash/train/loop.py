@@ -33,13 +33,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from . import distributed
-from .records import Sequence
-from .distributed import Ranks
-from ..drafters import Drafter, check_compatible, save_drafter
+from ..drafters import Drafter, check_compatible, load_drafter, save_drafter
 from ..errors import TreeFlashError
 from ..targets import Target
+from . import distributed
+from .distributed import Ranks
+from .features import FeatureCache, sequence_features
+from .records import Sequence
 
 # The default drafter shape for `treeflash train drafter` (chosen by measured tokens/s on a 2-core CPU; see
 # training/README.md): depth, block size and how many target layers it reads.
@@ -50,6 +52,7 @@ DEFAULT_TARGET_LAYERS = 5
 STAGES = ("drafter", "head")
 LOSSES = ("ce", "kl", "ce+kl")
 LABELS = ("data", "target")
+PRECISIONS = ("float32", "bfloat16")
 STATE_FILE = "trainer_state.pt"
 DRAFTER_DIR = "drafter"
 HELD_OUT_FILE = "held_out.json"  # the validation records' ids
@@ -180,8 +183,6 @@ class OnlineFeatures:
 
     def __call__(self, seq: Sequence, length: int) -> tuple[Tensor, Tensor]:
         """(features [length, k*H], final [length, H]), float32 on the CPU."""
-        from .features import sequence_features
-
         tokens = torch.tensor(seq.tokens[:length], device=self.target.device)
         features, final = sequence_features(self.target, tokens, self.layers)
         return features.float().cpu().clone(), final.float().cpu().clone()
@@ -302,40 +303,53 @@ class TrainConfig:
     """One training run. CLI flags of `treeflash train drafter|head` map one-to-one onto these fields."""
 
     stage: str = "drafter"  # "drafter" (the DFlash backbone) or "head" (the TreeFlash head)
+    # a feature cache (`treeflash train features`), or several comma-separated: train on their sequences without
+    # running the target (instead of --data)
+    features: str | None = None
     epochs: float = 1.0  # passes over the training sequences (fractions allowed)
-    lr: float = 6e-4  # peak learning rate (DFlash: 6e-4; TreeFlash head: 1e-4)
+    # peak learning rate; None = by stage: 1e-3 for the drafter (the shipped recipe), 1e-4 for the head
+    lr: float | None = None
     warmup: float = 0.04  # share of steps with linear warm-up, then cosine decay to 0
-    weight_decay: float = 0.01  # AdamW
-    grad_clip: float = 1.0  # max gradient norm
+    weight_decay: float = 0.01  # AdamW's
+    grad_clip: float = 1.0  # the largest gradient norm
     batch_size: int = 8  # sequences per optimizer step, in one padded drafter pass
     anchors: int = 32  # anchors (blocks) per sequence (DFlash: 512 on GPUs)
     max_length: int = 1024  # tokens per sequence, longer ones are cut
-    max_sequences: int | None = None  # use the first N sequences of the data (pins a run while data grows)
+    # use only the first N sequences, so that a run resumes on the same data while more is made
+    max_sequences: int | None = None
     gamma: float | None = None  # position-weight decay; None = by block size (7 for b = 16)
-    loss: str | None = None  # "ce", "kl" or "ce+kl" (their mean); None = ce for the drafter, kl for the head
-    finetune_backbone: bool = False  # head stage: also train the backbone (its marginals keep their CE loss)
-    # What cross-entropy aims at: "data", the sequence's own next token (regenerated data: the target's greedy
-    # token), or "target", the target's greedy token at that position (read from its logits), for text the
-    # target did not write (`treeflash train data --responses dataset`)
+    # ce (true tokens), kl (to the target's distribution) or ce+kl (their mean); None = ce for the drafter, kl
+    # for the head
+    loss: str | None = None
+    finetune_backbone: bool = False  # head stage: also train the drafter's backbone (its marginals keep their CE loss)
+    # what cross-entropy aims at: data, each sequence's own next token (regenerated data: the target's); target,
+    # the target's greedy token there (read from its logits), for text the target did not write (`treeflash
+    # train data --responses dataset`)
     labels: str = "data"
-    balance_features: bool = True  # train fc behind a fixed per-input scale (see feature_scale) when it trains
-    val_sequences: int = 32  # held out from the data for validation
-    # held_out.json files of earlier runs (comma-separated): validate on exactly those records instead of the
-    # hashed split, e.g. to keep comparing on one run's held-out records after other data is mixed in
+    # train fc behind a fixed per-feature scale that evens out the target's massive activations (see
+    # feature_scale; --no-balance-features: on the raw features); saved checkpoints are the same format either way
+    balance_features: bool = True
+    val_sequences: int = 32  # sequences held out from the data for validation
+    # validate on the records earlier runs held out (their held_out.json files, comma-separated) instead of
+    # --val-sequences drawn from this data: they are never trained on
     held_out: str | None = None
     eval_every: int = 200  # steps between validations
     save_every: int = 200  # steps between checkpoints
     seed: int = 0  # data order, anchors, validation split
-    precision: str = "float32"  # or "bfloat16": autocast matmuls (fp32 master weights); ~3x faster on AMX CPUs
-    features: str | None = None  # a feature cache (`treeflash train features`) to read instead of running the target
-    time_budget: float | None = None  # minutes: the schedule spans this much training time instead of `epochs`
-    # (runs of equal time compare recipes fairly; a resumed run continues the clock, but is not bit-exact)
+    # float32, or bfloat16: a bf16 target and autocast drafter matmuls (fp32 master weights), ~3x faster on CPUs
+    # with AMX
+    precision: str = "float32"
+    # minutes of training: the schedule spans this time instead of --epochs (runs of equal time compare recipes
+    # fairly; a resumed run continues the clock, but is not bit-exact)
+    time_budget: float | None = None
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise TreeFlashError(f"unknown training stage {self.stage!r}; choose drafter or head")
         if self.loss is None:
             self.loss = "ce" if self.stage == "drafter" else "kl"
+        if self.lr is None:
+            self.lr = 1e-3 if self.stage == "drafter" else 1e-4
         if self.loss not in LOSSES:
             raise TreeFlashError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if self.labels not in LABELS:
@@ -348,7 +362,7 @@ class TrainConfig:
         for name in ("batch_size", "anchors", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise TreeFlashError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.precision not in ("float32", "bfloat16"):
+        if self.precision not in PRECISIONS:
             raise TreeFlashError(f"precision must be float32 or bfloat16; got {self.precision!r}")
         if not 0 <= self.warmup < 1:
             raise TreeFlashError(f"warmup is a share of the steps in [0, 1); got {self.warmup}")
@@ -619,16 +633,12 @@ def train(
     ranks: this process's place in a data-parallel run (`treeflash.train.distributed`; the process group must be
     started): each rank trains on its share of every global batch, rank 0 logs, validates and checkpoints.
     """
-    from tqdm.auto import tqdm
-
     check_compatible(drafter, target)
     distributed.check_batch(config.batch_size, ranks)
     if not ranks.main:
         log, progress = (lambda message: None), False
     layers = drafter.config.target_layer_ids
     if config.features:
-        from .features import FeatureCache
-
         cache = FeatureCache(config.features)
         cache.check(target, layers)
         sequences = cache.sequences
@@ -669,8 +679,6 @@ def train(
     step, elapsed = 0, 0.0
     state_file = out / STATE_FILE
     if state_file.exists():
-        from ..drafters import load_drafter
-
         state = torch.load(state_file, weights_only=False)
         # A run saved before a field existed holds that field's default.
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
