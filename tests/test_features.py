@@ -146,9 +146,10 @@ def test_head_training_reads_the_cache_for_its_kl_targets(tmp_path):
 
 
 def test_generating_captures_the_features_of_every_token_it_feeds():
-    """`generate_batch(capture_features=...)` keeps, for every token of prompt and response (the last included),
-    what one target pass over the whole sequence gives, and changes no token."""
+    """`generate_with_features` keeps, for every token of prompt and response (the last included), what one
+    target pass over the whole sequence gives, and changes no token."""
     from treeflash.decoding import DecodeConfig, Decoder
+    from treeflash.train.capture import generate_with_features
 
     target = tiny_target("llama", dtype=torch.float32)
     decoder = Decoder(target)
@@ -156,18 +157,18 @@ def test_generating_captures_the_features_of_every_token_it_feeds():
     configs = [DecodeConfig(method="ar", max_new_tokens=n, stop_at_eos=False) for n in (1, 9, 6, 12)]
     plain = decoder.generate_batch(prompts, configs, max_batch=3)
     layers = (1, 5, 3)
-    captured = decoder.generate_batch(prompts, configs, max_batch=3, capture_features=layers)
-    for p, r, c in zip(prompts, plain, captured):
-        assert c.token_ids == r.token_ids and r.features is None
+    captured, features = generate_with_features(decoder, prompts, configs, layers, max_batch=3)
+    for p, r, c, f in zip(prompts, plain, captured, features):
+        assert c.token_ids == r.token_ids
         tokens = torch.tensor(p + c.token_ids)
-        assert c.features.dtype == torch.float16 and c.features.shape == (len(tokens), 3 * target.hidden_size)
+        assert f.dtype == torch.float16 and f.shape == (len(tokens), 3 * target.hidden_size)
         whole, _ = sequence_features(target, tokens, layers)
-        torch.testing.assert_close(c.features.float(), whole, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(f.float(), whole, atol=2e-3, rtol=2e-3)
     with pytest.raises(TreeFlashError, match="for method 'ar'"):
-        Decoder(target, tiny_drafter(target)).generate_batch(prompts[:1], DecodeConfig(method="ddtree"),
-                                                             capture_features=layers)
+        generate_with_features(Decoder(target, tiny_drafter(target)), prompts[:1], [DecodeConfig(method="ddtree")],
+                               layers)
     with pytest.raises(TreeFlashError, match="not all layers of the target"):
-        decoder.generate_batch(prompts[:1], DecodeConfig(method="ar"), capture_features=(1, 99))
+        generate_with_features(decoder, prompts[:1], [DecodeConfig(method="ar")], (1, 99))
 
 
 def _tiny_model_and_tokenizer(model_dir):

@@ -13,6 +13,7 @@ from ..decoding import DecodeConfig, Decoder
 from ..drafters import default_target_layer_ids
 from ..errors import TreeFlashError
 from ..targets import Target
+from .capture import generate_with_features
 from .client import CompletionClient
 from .features import build_feature_cache, check_disk, start_feature_cache, write_shard
 from .loop import DEFAULT_TARGET_LAYERS
@@ -86,10 +87,10 @@ def regenerate(
             return transformers_responses(model, tokenizer, prompt_ids, max_new_tokens, temperature)
         configs = [DecodeConfig(method="ar", max_new_tokens=max_new_tokens, temperature=temperature,
                                 seed=seed * 100_003 + index * batch_size + i) for i in range(len(batch))]
-        results = decoder.generate_batch(prompt_ids, configs, max_batch=len(batch),
-                                         capture_features=capture.wanted if capture else ())
-        if capture is not None:  # written before the data shard, so a shard of data always has its features
-            capture.write(index, batch, results)
+        if capture is None:
+            return [r.token_ids for r in decoder.generate_batch(prompt_ids, configs, max_batch=len(batch))]
+        results, features = generate_with_features(decoder, prompt_ids, configs, capture.wanted, len(batch))
+        capture.write(index, batch, results, features)  # before the data shard, so a shard of data has its features
         return [r.token_ids for r in results]
 
     counts = write_shards(tokenizer, prompts, out, meta, responses, progress)
@@ -109,13 +110,12 @@ class _FeatureCapture:
         self.wanted = self.layers + ((last,) if last not in self.layers else ())  # the last: the final state
         self.out = start_feature_cache(target, out, self.layers, batch_size, source=str(source))
 
-    def write(self, index: int, batch: list[tuple[str, list[int]]], results) -> None:
+    def write(self, index: int, batch: list[tuple[str, list[int]]], results, features: list[torch.Tensor]) -> None:
         H, k = self.target.hidden_size, len(self.layers)
         last = self.wanted.index(self.target.num_layers - 1)
         shard = [Sequence(pid, ids + r.token_ids, len(ids)) for (pid, ids), r in zip(batch, results)]
         check_disk(self.out, sum(len(s.tokens) for s in shard), k, H)
-        arrays = ((r.features[:, : k * H],
-                   self.target.final_norm(r.features[:, last * H:(last + 1) * H].float())) for r in results)
+        arrays = ((f[:, : k * H], self.target.final_norm(f[:, last * H:(last + 1) * H].float())) for f in features)
         write_shard(self.out, index, shard, arrays, k, H)
 
     def fill(self, data: str | Path) -> int:
