@@ -111,7 +111,7 @@ def test_plot_training(tmp_path):
 
 @requires("starlette", 'pip install -e ".[serve]"')
 @requires("uvicorn", 'pip install -e ".[serve]"')
-@requires("openai", "pip install openai")
+@requires("openai", 'pip install -e ".[regenerate]"')
 def test_load_test_on_a_tiny_model(model_dir, tmp_path):  # noqa: F811
     out = tmp_path / "load"
     run("load_test.py", "--out", out, "--target", model_dir, "--drafter", "untrained", "--max-batch", 1,
