@@ -7,8 +7,8 @@ import pytest
 
 from treeflash.bench.runner import BenchConfig
 from treeflash.cli import build_parser
-from treeflash.cli.flags import (add_dataclass_flags, add_decode_flags, dataclass_from_args, decode_config_from_args,
-                                 field_comments)
+from treeflash.cli.flags import (add_dataclass_flags, add_decode_flags, dataclass_from_args, dataclass_to_argv,
+                                 decode_config_from_args, field_comments)
 from treeflash.decoding import DEFAULT_CPU_BUDGET, DecodeConfig
 from treeflash.serve.app import ServeConfig
 from treeflash.train.loop import TrainConfig
@@ -39,6 +39,8 @@ def test_flags_come_from_the_fields_comments_and_defaults():
     args = p.parse_args(["--size", "5", "--name", "x", "--ratio", "2", "--fast", "--no-checked", "--sizes", "4,8",
                          "--tuned", "7"])
     assert dataclass_from_args(Example, args) == Example(5, "x", 2.0, True, False, (4, 8), 7)
+    for example in (Example(), Example(5, "x", 2.0, True, False, (4, 8), 7)):  # and back to the same flags
+        assert dataclass_from_args(Example, p.parse_args(dataclass_to_argv(example))) == example
     assert _help(p, "size") == "how many (default: 3)"
     assert _help(p, "name") == "the name, over two lines"
     assert _help(p, "ratio") == "from metadata (default: 0.5)"

@@ -111,6 +111,16 @@ def test_no_treeflash_module_is_imported_inside_a_function():
     assert not hidden, "function-level imports of treeflash modules (move them to the top):\n" + "\n".join(hidden)
 
 
+def test_the_inference_core_does_not_import_its_applications():
+    """The flat modules (targets, drafters, decoding, ...) know nothing of training, serving, benchmarks or the
+    CLI, which are built on them."""
+    applications = ("treeflash.train", "treeflash.serve", "treeflash.bench", "treeflash.cli")
+    core = [m for m in MODULES if m.count(".") == 1 and m.split(".")[1] not in ("train", "serve", "bench", "cli")]
+    wrong = [f"{module} imports {target}" for module in core for target, _, _ in _imports(module, MODULES[module])
+             if target.startswith(applications)]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_checker_sees_circles_and_relative_imports(tmp_path):
     """The graph code on a hand-made case: a circle through a package's __init__ and a `from . import x`."""
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]

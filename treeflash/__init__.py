@@ -4,6 +4,13 @@ Quick use:
     import treeflash
     decoder = treeflash.load()
     print(decoder.generate_text("Write a haiku about the sea.").text)
+
+Layout. The inference core is this package's flat modules, one per stage: targets (the model verified),
+drafters (block drafters and their checkpoints), trees (draft trees: build, compile), verification (accept,
+follow), decoding (the decode loop), reference (the same loop, one sequence, on one screen), cache, packing
+(packed weights), ngrams (n-gram lookup), plus api (load, generate), tuning, export and machine. The
+applications sit on top as sub-packages: train/ (data, features, the training loop), serve/ (the HTTP server),
+bench/ (benchmarks and analyses) and cli/ (the `treeflash` command). Nothing in the core imports them.
 """
 
 from .api import TextDecoder, generate, load

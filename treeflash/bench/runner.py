@@ -22,23 +22,23 @@ WARMUP_TOKENS = 32  # new tokens per warm-up generation: enough for lazy initial
 class BenchConfig:
     """What `treeflash bench` runs. Flags map one-to-one onto these fields."""
 
-    # comma-separated methods; ar always runs: it is every speedup's and every agreement's reference
+    # methods to time; ar always runs: it is every speedup's and every agreement's reference
     methods: tuple[str, ...] = METHODS
     budgets: tuple[int, ...] = (16, 32, 64, 128)  # node budgets for ddtree and treeflash, the root not counted
-    # comma-separated n-gram lookup lengths for ddtree and treeflash, each a series of its own; 0 = off (by
-    # default off and DecodeConfig's default, so that both the paper's trees and `treeflash generate` are measured)
+    # n-gram lookup lengths for ddtree and treeflash, each a series of its own; 0 = off (by default off and
+    # DecodeConfig's default, so that both the paper's trees and `treeflash generate` are measured)
     lookups: tuple[int, ...] = tuple(sorted({0, DEFAULT_LOOKUP.get("treeflash", 0)}))
     lookup_ngram: int = DecodeConfig.lookup_ngram  # the shortest context suffix a lookup matches, 1-4
-    # comma-separated: mtbench (first turns), humaneval, sharegpt-heldout (`treeflash.train.prompts`), or JSONL paths
+    # mtbench (first turns), humaneval, sharegpt-heldout (`treeflash.train.prompts`), or JSONL paths
     datasets: tuple[str, ...] = DEFAULT_DATASETS
     prompts: int = 10  # prompts per dataset (the first ones)
     max_new_tokens: int = 256  # per generation; EOS also stops every variant
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0  # sampling seed, the same for every variant
-    warmup: int = 1  # untimed generations of each variant first (WARMUP_TOKENS tokens each)
+    warmup: int = 1  # untimed short generations of each variant first (WARMUP_TOKENS tokens each)
     hf_baselines: bool = True  # also time transformers generate and its prompt-lookup decoding
     prompt_lookup_tokens: int = 10  # hf-prompt-lookup candidate tokens per round
-    chat: bool = True  # prompts as one user turn of the chat template (--no-chat: as raw text)
+    chat: bool = True  # prompts as one user turn of the chat template, not as raw text
     analyses: bool = False  # also write plots and the teacher-forced draft analyses (needs matplotlib: the bench extra)
     analysis_prompts: int = 4  # prompts for the teacher-forced analyses
     anchors: int = 16  # anchors drafted per analysed prompt

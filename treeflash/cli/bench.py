@@ -23,7 +23,7 @@ from ..bench.runner import BenchConfig, dataset_label, run_bench
 from ..errors import TreeFlashError
 from ..machine import device_tag, machine_info
 from ..train.prompts import load_prompts
-from .flags import add_dataclass_flags, add_model_flags, dataclass_from_args
+from .flags import add_dataclass_flags, add_model_flags, dataclass_from_args, dataclass_to_argv
 
 
 def add_parser(sub) -> None:
@@ -41,20 +41,7 @@ def equivalent_command(args: argparse.Namespace, config: BenchConfig, out: Path)
     for flag in ("target", "drafter", "drafter_dtype", "device", "dtype", "threads"):
         if getattr(args, flag, None) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    argv += ["--methods", ",".join(config.methods), "--budgets", ",".join(map(str, config.budgets)),
-             "--lookups", ",".join(map(str, config.lookups)), "--lookup-ngram", str(config.lookup_ngram),
-             "--datasets", ",".join(config.datasets), "--prompts", str(config.prompts),
-             "--max-new-tokens", str(config.max_new_tokens), "--temperature", str(config.temperature),
-             "--seed", str(config.seed), "--warmup", str(config.warmup)]
-    if config.hf_baselines:
-        argv += ["--prompt-lookup-tokens", str(config.prompt_lookup_tokens)]
-    else:
-        argv.append("--no-hf-baselines")
-    if not config.chat:
-        argv.append("--no-chat")
-    if config.analyses:
-        argv += ["--analyses", "--analysis-prompts", str(config.analysis_prompts), "--anchors", str(config.anchors),
-                 "--draw-budget", str(config.draw_budget)]
+    argv += dataclass_to_argv(config)
     argv += ["--out", str(out)]
     return shlex.join(argv)
 

@@ -4,8 +4,8 @@ A field `max_new_tokens: int = 256  # stop after this many new tokens` becomes
 `--max-new-tokens N` (type int, default 256, help "stop after this many new tokens (default: 256)"). The help
 is the field's `metadata["help"]` if it has one, else its comment in the class source: the comment on the
 field's line, or the comment lines right above it. A bool field that defaults to False becomes a switch
-(`--analyses`); one that defaults to True a `--no-...` switch (`--no-chat`). A tuple field takes a
-comma-separated list. A comment that ends "; None = X" states X as the default of a field whose default is
+(`--analyses`); one that defaults to True a `--no-...` switch (`--no-chat`) that turns it off. A tuple field
+takes a comma-separated list. A comment that ends "; None = X" states X as the default of a field whose default is
 None. `dataclass_from_args` builds the dataclass back from the parsed flags, so the dataclass
 validates them.
 """
@@ -119,12 +119,16 @@ def add_field_flag(parser, cls: type, name: str, flag: str | None = None, defaul
     if annotation == "bool":
         flag = flag or (f"--no-{name.replace('_', '-')}" if default else f"--{name.replace('_', '-')}")
         kwargs.setdefault("action", "store_false" if default else "store_true")
+        if default and own_help is None:  # the field says what it turns on; this flag turns it off
+            text = f"{text} (on by default; {flag} turns it off)"
     else:
         flag = flag or f"--{name.replace('_', '-')}"
         base = annotation.replace(" | None", "").strip()
         sequence = re.fullmatch(r"tuple\[(\w+), \.\.\.\]", base)
         if sequence:
             kwargs.setdefault("type", comma_list(_SCALARS[sequence.group(1)]))
+            item = "N" if sequence.group(1) == "int" else name.upper().rstrip("S")
+            kwargs.setdefault("metavar", f"{item}[,{item}...]")
         elif base in _SCALARS and base != "str":
             kwargs.setdefault("type", _SCALARS[base])
         meaning = re.search(r";\s*None = (.+)$", text) if default is None else None
@@ -151,6 +155,22 @@ def add_dataclass_flags(parser, cls: type, names: Iterable[str] | None = None, e
         kwargs = {"choices": tuple(choices[name])} if name in choices else {}
         add_field_flag(parser, cls, name, flags.get(name), default_text.get(name), help.get(name),
                        own_help.get(name), **kwargs)
+
+
+def dataclass_to_argv(config: Any, flags: dict[str, str] | None = None) -> list[str]:
+    """The flags of `add_dataclass_flags` that make `config` again, every field spelled out (a switch only where
+    it is on): the inverse of `dataclass_from_args`."""
+    flags = flags or {}
+    argv: list[str] = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, bool):
+            default = default_of(type(config), field.name)
+            if value != default:
+                argv.append(flags.get(field.name) or f"--{'no-' if default else ''}{field.name.replace('_', '-')}")
+        elif value is not None:
+            argv += [flags.get(field.name) or f"--{field.name.replace('_', '-')}", _shown(value)]
+    return argv
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides) -> Any:

@@ -1,1 +1,2 @@
-"""The OpenAI-compatible HTTP server (`treeflash serve`) and its batching scheduler."""
+"""The OpenAI-compatible HTTP server (`treeflash serve`): app (HTTP layer), scheduler (the engine thread that
+batches generations), metrics (Prometheus)."""

@@ -327,7 +327,7 @@ class TrainConfig:
     # train data --responses dataset`)
     labels: str = "data"
     # train fc behind a fixed per-feature scale that evens out the target's massive activations (see
-    # feature_scale; --no-balance-features: on the raw features); saved checkpoints are the same format either way
+    # feature_scale), not on the raw features; saved checkpoints are the same format either way
     balance_features: bool = True
     val_sequences: int = 32  # sequences held out from the data for validation
     # validate on the records earlier runs held out (their held_out.json files, comma-separated) instead of
