@@ -87,7 +87,8 @@ def add_parser(sub) -> None:
                    help="leave out the first N sequences: cache a later chunk of the data, e.g. what a drafter "
                         "trained on the first N has not seen (default: 0)")
     f.add_argument("--limit", type=int, default=None, help="cache only the first N sequences (after --skip)")
-    f.add_argument("--max-length", type=int, default=1024, help="tokens per sequence, longer ones are cut (default: 1024)")
+    f.add_argument("--max-length", type=int, default=TrainConfig.max_length,
+                   help="tokens per sequence, longer ones are cut, as training cuts them (default: %(default)s)")
     f.add_argument("--shard-sequences", type=int, default=DEFAULT_SHARD_SEQUENCES,
                    help="sequences per shard (default: %(default)s)")
     f.add_argument("--workers", type=int, default=1,
