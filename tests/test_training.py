@@ -15,6 +15,7 @@ from treeflash.train.loop import (
     split_validation,
     target_pass,
     train,
+    validation_count,
 )
 
 from helpers import tiny_drafter, tiny_target
@@ -467,3 +468,17 @@ def test_target_labels_teach_the_target_on_text_it_did_not_write(tmp_path):
     assert first_position["data"]["labels"] > first_position["target"]["labels"] + 0.3
     with pytest.raises(TreeFlashError, match="unknown labels"):
         TrainConfig(labels="targets")
+
+
+def test_a_small_data_set_is_not_mostly_spent_on_validation(tmp_path):
+    """By default at most a tenth of the data is held out (32 at most, one at least), and the run says so; an
+    explicit count is kept."""
+    assert [validation_count(n, None) for n in (2, 38, 100, 320, 5000)] == [1, 3, 10, 32, 32]
+    assert validation_count(38, 20) == 20
+    target = tiny_target("llama", dtype=torch.float32)
+    messages = []
+    metrics = train(_fresh(target), target, _sequences(target, count=20), _config(epochs=1, val_sequences=None),
+                    tmp_path / "run", progress=False, log=messages.append)
+    assert len(json.loads((tmp_path / "run" / "held_out.json").read_text())) == 2
+    assert metrics["total_steps"] == 18 // _config().batch_size + (18 % _config().batch_size > 0)
+    assert any("validating on 2 of the 20 sequences" in m and "a tenth" in m for m in messages)

@@ -329,7 +329,8 @@ class TrainConfig:
     # train fc behind a fixed per-feature scale that evens out the target's massive activations (see
     # feature_scale), not on the raw features; saved checkpoints are the same format either way
     balance_features: bool = True
-    val_sequences: int = 32  # sequences held out from the data for validation
+    # sequences held out from the data for validation; None = 32, but at most a tenth of the data
+    val_sequences: int | None = None
     # validate on the records earlier runs held out (their held_out.json files, comma-separated) instead of
     # --val-sequences drawn from this data: they are never trained on
     held_out: str | None = None
@@ -366,6 +367,15 @@ class TrainConfig:
             raise TreeFlashError(f"precision must be float32 or bfloat16; got {self.precision!r}")
         if not 0 <= self.warmup < 1:
             raise TreeFlashError(f"warmup is a share of the steps in [0, 1); got {self.warmup}")
+
+
+DEFAULT_VAL_SEQUENCES = 32
+
+
+def validation_count(sequences: int, asked: int | None) -> int:
+    """Sequences to hold out for validation: as asked, else DEFAULT_VAL_SEQUENCES but at most a tenth of the
+    data (at least one), so a small data set is not mostly spent on validation."""
+    return asked if asked is not None else min(DEFAULT_VAL_SEQUENCES, max(1, sequences // 10))
 
 
 def split_validation(sequences: list, count: int, seed: int = 0) -> tuple[list, list]:
@@ -654,10 +664,14 @@ def train(
     if config.held_out:
         val, train_set = split_held_out(sequences, config.held_out, training=max_steps != 0)
     else:
-        val, train_set = split_validation(sequences, config.val_sequences)
+        val, train_set = split_validation(sequences, validation_count(len(sequences), config.val_sequences))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_val = len(val)
+    if max_steps != 0:
+        log(f"validating on {n_val} of the {len(sequences)} sequences, training on the other {len(train_set)}"
+            + (" (a tenth of the data; --val-sequences sets the count)" if n_val < DEFAULT_VAL_SEQUENCES
+               and not config.held_out and config.val_sequences is None else ""))
     if ranks.main and max_steps != 0:  # which records the run never trains on (a validation alone writes nothing)
         (out / HELD_OUT_FILE).write_text(json.dumps([s.id for s in val]) + "\n")
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
