@@ -42,7 +42,7 @@ def default_device() -> str:
 def default_drafter_dtype(target: Target) -> torch.dtype:
     """The drafter's dtype unless one is asked for: bfloat16 for a float32 target on a CPU with AMX, else the
     target's. The drafter only proposes tokens, so its precision never changes an output (the target verifies
-    in its own dtype); on AMX its matmuls run 2-9x faster in bfloat16 (see results/speed)."""
+    in its own dtype); on AMX its matmuls run 2-9x faster in bfloat16 (docs/experiments.md, "Drafter dtype")."""
     if target.device.type == "cpu" and target.dtype == torch.float32 and cpu_has_amx():
         return torch.bfloat16
     return target.dtype

@@ -21,7 +21,7 @@ Batching: `Decoder.step` runs one round for any number of sequences (`Generation
 batched: one drafter pass over all blocks (`Drafter.draft_batch`), the TreeFlash head's rows of all tree
 searches in one pass per wave (`build_trees`), one ragged target pass over all trees and new prompts
 (`Target.forward_batch`), then follow and commit per sequence. `generate` is that step over one sequence, so
-there is a single loop; `generate_batch` and the server (`treeflash.scheduler`) run it over many, with
+there is a single loop; `generate_batch` and the server (`treeflash.serve.scheduler`) run it over many, with
 sequences joining and leaving between rounds. Each sequence's output is what it gets alone.
 """
 
@@ -57,10 +57,11 @@ from .verification import SamplingConfig, choose_tokens, follow
 
 METHODS = ("ar", "dflash", "ddtree", "treeflash")
 # Draft nodes per round when neither the caller nor a tuning (`treeflash tune`) says: a GPU verifies a
-# 65-node tree for about the price of one token, a CPU pays for each node (measured in results/speed/).
+# 65-node tree for about the price of one token, a CPU pays for each node (docs/experiments.md, "Budget on a CPU").
 DEFAULT_BUDGET = 64
 # 2 with n-gram lookup on: 2-4% faster than 4 for both trees, both lookups and both sets of the 8th drafter's
-# bench (results/speed/bench_lookup_cpu_amd); without lookup 2-4 were within 3% (results/speed/bench_drafter_v*)
+# bench (results/speed/bench_lookup_cpu_amd); the shipped drafter's bench has 2 and 4 within 1-5%
+# (results/speed/bench_sixteenth_cpu_amd)
 DEFAULT_CPU_BUDGET = 2
 # N-gram lookup tokens grafted per round when the caller does not say (treeflash.ngrams); ar and dflash stay
 # the plain baselines. 8: on a 2-core AMD EPYC treeflash@2 went 1.20x -> 1.68x ar with 8 and 1.67x with 16
@@ -73,8 +74,9 @@ STAGES = ("prefill", "draft", "head", "tree", "verify", "commit")
 class DecodeConfig:
     """How to decode. CLI flags map one-to-one onto these fields."""
 
-    method: str = "treeflash"  # one of METHODS
-    budget: int | None = None  # draft nodes per round, root excluded; None = tuned, else see resolve_budget
+    method: str = "treeflash"  # decoding method: ar, dflash, ddtree or treeflash
+    # draft nodes per round, the root not counted, as in DDTree; None = the tuned budget, else resolve_budget's
+    budget: int | None = None
     max_new_tokens: int = 256  # stop after this many new tokens
     temperature: float = 0.0  # 0 = greedy; > 0 samples (losslessly) from the target
     top_p: float = 1.0  # nucleus filtering of the target's distribution at temperature > 0
@@ -693,7 +695,7 @@ def _likely_rows(drafter: Drafter, root: int, block: BlockDraft, parents: Tensor
     4x the budget that are candidate parents (`candidate_rows`; parents [D-1, m] int64, CPU). The conditional
     tree mostly grows where the marginal one does. The guess is generous because on a CPU a head pass costs
     3.5-4.3 ms whatever its few rows (weights and per-op overhead), so one pass fewer is worth a dozen extra rows:
-    rounds need 1.1-2.0 passes at budgets 4-16 (results/speed/head_rows_cpu_noamx.md)."""
+    rounds need 1.1-2.0 passes at budgets 4-16 (measured with scripts/head_rows.py, in the history at f09108d)."""
     guess_budget = 4 * budget
     tokens, logprobs = top_k_logprobs(block.logits, min(guess_budget, block.logits.shape[1]))
     guess = marginal_tree(root, drafter.token_ids(tokens).cpu(), logprobs.cpu(), guess_budget)

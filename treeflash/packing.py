@@ -3,8 +3,8 @@
 `F.linear` hands its weight to MKL (float32) or oneDNN (bfloat16) as a plain row-major matrix, and the
 library re-blocks it into its kernel's layout on every call. For the few-row products of decoding (1 row for
 `ar`, 16-65 for a verified tree, 16 for a drafter block) that re-blocking is a large share of the cost. Packing
-each weight once (MKL's packed sgemm; oneDNN's blocked layout) removes it: see `results/speed/` for the
-before/after on the default model. Projections that read the same input are also concatenated (q, k, v;
+each weight once (MKL's packed sgemm; oneDNN's blocked layout) removes it (docs/experiments.md has the
+before/after on the default model). Projections that read the same input are also concatenated (q, k, v;
 gate, up), so that the input is read by one GEMM instead of two or three.
 
 Which library packs float32 depends on the processor (`float32_backend`). MKL on Intel, where its packed

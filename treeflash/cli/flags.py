@@ -186,10 +186,9 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides) -> Any
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
     """One flag per DecodeConfig field (`--ignore-eos` for stop_at_eos), and --tree-size, the budget counted
     with the root."""
-    add_field_flag(p, DecodeConfig, "method", choices=METHODS, own_help="decoding method")
+    add_field_flag(p, DecodeConfig, "method", choices=METHODS)
     budget = p.add_mutually_exclusive_group()
-    add_field_flag(budget, DecodeConfig, "budget", own_help="draft nodes per round, the root not counted, as in DDTree",
-                   default_text=BUDGET_DEFAULT)
+    add_field_flag(budget, DecodeConfig, "budget", default_text=BUDGET_DEFAULT)
     budget.add_argument("--tree-size", type=int, default=None,
                         help="the same, counting the root as ETH's TreeFlash does (tree size = budget + 1)")
     add_dataclass_flags(p, DecodeConfig, exclude=("method", "budget"), flags={"stop_at_eos": "--ignore-eos"},
