@@ -276,3 +276,21 @@ def test_train_drafter_needs_data_or_features(model_dir, tmp_path, capsys):
     assert main(["train", "drafter", "--features", str(tmp_path), "--out", str(tmp_path / "run"),
                  "--target", str(model_dir)]) == 2
     assert "not a feature cache" in capsys.readouterr().err
+
+
+def test_export_takes_the_target_a_checkpoint_names(model_dir, tmp_path, capsys):
+    """A drafter with a reduced draft vocabulary exports for vLLM without --target when its config names a target
+    that is here (a local directory, or the embedded default); a target that is not here asks for --target."""
+    from treeflash.drafters import new_drafter, save_drafter
+    from treeflash.targets import load_target
+
+    target = load_target(str(model_dir))
+    drafter = new_drafter(target, num_hidden_layers=1, block_size=4, draft_vocab=torch.arange(3, 40))
+    save_drafter(drafter, tmp_path / "d")
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["target_model"] == str(model_dir)
+    assert main(["export", str(tmp_path / "d"), str(tmp_path / "vllm"), "--format", "vllm"]) == 0
+    assert json.loads((tmp_path / "vllm" / "config.json").read_text())["draft_vocab_size"] == 37
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    (tmp_path / "d" / "config.json").write_text(json.dumps(config | {"target_model": "someone/elsewhere"}))
+    assert main(["export", str(tmp_path / "d"), str(tmp_path / "v2"), "--format", "vllm"]) == 2
+    assert "target (someone/elsewhere) is not here; pass --target" in capsys.readouterr().err

@@ -112,9 +112,10 @@ def test_the_shipped_drafter_reads_its_anchor(target):
 
     from treeflash.api import resolve_drafter
     from treeflash.train.records import load_sequences
-    from treeflash.train.loop import TrainConfig, evaluate
+    from treeflash.train.config import TrainConfig
+    from treeflash.train.validation import evaluate
 
-    data = Path(__file__).resolve().parents[1] / "training" / "data" / "smollm2-sharegpt" / "shard-00065.jsonl"
+    data = Path(__file__).resolve().parents[1] / "training" / "data" / "smollm2-sharegpt" / "shard-00065.jsonl.gz"
     drafter = resolve_drafter(None, target).float()
     metrics = evaluate(drafter, target, load_sequences(data)[:8], TrainConfig(anchors=32))
     top1 = metrics["marginal_top1"]
@@ -134,6 +135,10 @@ def test_the_shipped_drafter_exported_for_vllm_drafts_what_it_drafted(target, tm
     from treeflash.drafters import load_drafter
 
     assert main(["export", "shipped", str(tmp_path / "vllm"), "--format", "vllm"]) == 0
+    # By its path, as the README shows it: the checkpoint names the default target, so no --target is needed.
+    assert main(["export", str(SHIPPED_DRAFTERS["SmolLM2-135M-Instruct"]), str(tmp_path / "by-path"),
+                 "--format", "vllm"]) == 0
+    assert (tmp_path / "by-path" / "model.safetensors").read_bytes() == (tmp_path / "vllm" / "model.safetensors").read_bytes()
     config = json.loads((tmp_path / "vllm" / "config.json").read_text())
     assert config["block_size"] == 8 and config["architectures"] == ["DFlashDraftModel"]
     assert set(config["dflash_config"]) == {"target_layer_ids", "mask_token_id"}

@@ -72,7 +72,8 @@ def export_drafter(drafter: Drafter, out: str | Path, format: str, target=None, 
             f"draft vocabulary of {drafter.draft_vocab.numel()} tokens; export --format vllm, or pass "
             "--full-vocabulary to drop the reduction")
     if reduced and target is None:
-        raise TreeFlashError("a reduced draft vocabulary is exported with the target's LM-head rows; pass --target")
+        raise TreeFlashError("a reduced draft vocabulary is exported with the target's LM-head rows, and this "
+                             f"drafter's target ({drafter.config.target or 'not recorded'}) is not here; pass --target")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise TreeFlashError(f"{out} is not empty; export into a new directory")

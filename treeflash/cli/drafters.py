@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from pathlib import Path
 
 from ..api import SHIPPED_DRAFTERS, parse_dtype
 from ..drafters import check_compatible, load_drafter, new_drafter, save_drafter
@@ -50,9 +51,9 @@ def cmd_new_drafter(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     path = SHIPPED_DRAFTERS[DEFAULT_TARGET] if args.drafter == "shipped" else args.drafter
-    target_name = args.target or (DEFAULT_TARGET if args.drafter == "shipped" else None)
-    target = load_target(target_name) if target_name else None
     drafter = load_drafter(path)  # in the checkpoint's own dtype (with a target it would take the target's)
+    target_name = args.target or (DEFAULT_TARGET if args.drafter == "shipped" else recorded_target(drafter))
+    target = load_target(target_name) if target_name else None
     if target is not None:
         check_compatible(drafter, target)
     report = export_drafter(drafter, args.out, args.format, target=target, full_vocabulary=args.full_vocabulary,
@@ -60,3 +61,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(line, file=sys.stderr)
     return 0
+
+
+def recorded_target(drafter) -> str | None:
+    """The target a checkpoint names (`target_model` in its config) when it can be loaded here without a
+    download: the embedded default target, or a local model directory; else None (the user passes --target)."""
+    name = drafter.config.target
+    if name == DEFAULT_TARGET or (name and Path(name).is_dir()):
+        return name
+    return None
