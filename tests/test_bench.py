@@ -270,3 +270,16 @@ def test_bench_errors_are_one_sentence(model_dir, prompts_file, tmp_path, capsys
     assert "budget must be" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--budgets", "a,b"])
+
+
+def test_bench_without_out_writes_a_new_directory_in_the_cache(model_dir, prompts_file, tmp_path, monkeypatch,
+                                                                capsys):
+    """A quick look without --out never writes into the source tree nor replaces an earlier run's files."""
+    monkeypatch.setenv("TREEFLASH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--target", str(model_dir), "--drafter", "untrained", "--datasets", str(prompts_file),
+            "--methods", "ar", "--max-new-tokens", "4", "--warmup", "0", "--threads", "1"]
+    assert main(argv) == 0
+    runs = sorted((tmp_path / "cache" / "bench").glob("*/report.md"))
+    assert len(runs) == 1 and str(runs[0].parent) in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing beside it, e.g. no results/

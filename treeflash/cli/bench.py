@@ -22,6 +22,7 @@ from ..bench.render import (ANALYSIS_FILE, REPORT_FILE, RUNS_FILE, SUMMARY_FILE,
 from ..bench.runner import BenchConfig, dataset_label, run_bench
 from ..errors import TreeFlashError
 from ..machine import device_tag, machine_info
+from ..targets import cache_dir
 from ..train.prompts import load_prompts
 from .flags import add_dataclass_flags, add_model_flags, dataclass_from_args, dataclass_to_argv
 
@@ -31,7 +32,9 @@ def add_parser(sub) -> None:
     add_model_flags(b)
     add_dataclass_flags(b, BenchConfig)
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    b.add_argument("--out", default=None, help="output directory (default: results/bench/<device>)")
+    b.add_argument("--out", default=None,
+                   help="output directory (default: a new one per run, <cache>/bench/<device>-<date-time>, where "
+                        "<cache> is $TREEFLASH_CACHE or ~/.cache/treeflash)")
     b.set_defaults(func=cmd_bench)
 
 
@@ -92,7 +95,9 @@ def _bench(args: argparse.Namespace, config: BenchConfig, sources: dict) -> int:
                for label, items in sources.items()}
 
     machine = machine_info(target.device)
-    out = Path(args.out) if args.out else Path("results") / "bench" / device_tag(machine)
+    # Never into the source tree unasked: a run without --out gets a new directory in the cache.
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else cache_dir() / "bench" / f"{device_tag(machine)}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     runs = run_bench(decoder, prompts, config)
     summaries = summarize(runs)
