@@ -142,7 +142,7 @@ class DecodeResult:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+        return tokens_per_second(self.new_tokens, self.seconds)
 
     def to_dict(self) -> dict:
         return {
@@ -170,6 +170,11 @@ def tau(acceptance_lengths: Sequence[int]) -> float:
     Plain autoregressive decoding has tau = 1. NaN when there were no rounds (the prefill's token was the
     last one). Pooling several runs = calling this on their concatenated acceptance lengths."""
     return 1.0 + sum(acceptance_lengths) / len(acceptance_lengths) if acceptance_lengths else math.nan
+
+
+def tokens_per_second(new_tokens: int, seconds: float) -> float:
+    """Throughput of one or several generations: new tokens / wall seconds (prefill included)."""
+    return new_tokens / seconds if seconds > 0 else math.nan
 
 
 def resolve_budget(method: str, budget: int | None, drafter: Drafter | None, tuning=None,

@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..decoding import METHODS, tau
+from ..decoding import METHODS, tau, tokens_per_second
 
 HF_GENERATE = "hf-generate"
 HF_PROMPT_LOOKUP = "hf-prompt-lookup"
@@ -60,11 +60,6 @@ def acceptance_histogram(acceptance_lengths: Iterable[int], size: int = 0) -> li
     for length in lengths:
         counts[length] += 1
     return counts
-
-
-def tokens_per_second(new_tokens: int, seconds: float) -> float:
-    """Throughput of one or several generations: new tokens / wall seconds (prefill included)."""
-    return new_tokens / seconds if seconds > 0 else math.nan
 
 
 def seconds_per_token(new_tokens: int, seconds: float) -> float:
