@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from treeflash.decoding import METHODS, DecodeConfig, Decoder
-from treeflash.train.loop import Sequence, TrainConfig, train
+from treeflash.train.config import TrainConfig
+from treeflash.train.loop import train
+from treeflash.train.records import Sequence
 
 from helpers import DEVICES, greedy_reference, needs_default_model, tiny_drafter, tiny_target
 

@@ -51,7 +51,8 @@ def test_a_grown_drafter_drafts_exactly_as_before_and_its_new_layer_trains(tmp_p
     """grow_drafter appends layers that start as the identity: the same block hidden states and logits, bit
     for bit, on any context; the deeper drafter saves and loads; training moves the new layer."""
     from treeflash.train.records import Sequence
-    from treeflash.train.loop import TrainConfig, train
+    from treeflash.train.config import TrainConfig
+    from treeflash.train.loop import train
 
     from helpers import greedy_reference
 

@@ -10,7 +10,9 @@ import torch
 
 from treeflash.errors import TreeFlashError
 from treeflash.train.features import FeatureCache, build_feature_cache, sequence_features
-from treeflash.train.loop import TrainConfig, target_pass, train
+from treeflash.train.blocks import target_pass
+from treeflash.train.config import TrainConfig
+from treeflash.train.loop import train
 
 from helpers import needs_eval_sets, tiny_drafter, tiny_target
 from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with a word-level tokenizer)

@@ -11,7 +11,7 @@ from treeflash.cli.flags import (add_dataclass_flags, add_decode_flags, dataclas
                                  decode_config_from_args, field_comments)
 from treeflash.decoding import DEFAULT_CPU_BUDGET, DecodeConfig
 from treeflash.serve.app import ServeConfig
-from treeflash.train.loop import TrainConfig
+from treeflash.train.config import TrainConfig
 
 
 @dataclasses.dataclass

@@ -5,18 +5,11 @@ import torch
 
 from treeflash.train.records import Sequence, load_sequences
 from treeflash.errors import TreeFlashError
-from treeflash.train.loop import (
-    TrainConfig,
-    block_attention_mask,
-    drafter_hidden,
-    make_blocks,
-    position_weights,
-    sample_anchors,
-    split_validation,
-    target_pass,
-    train,
-    validation_count,
-)
+from treeflash.train.blocks import block_attention_mask, drafter_hidden, make_blocks, sample_anchors, target_pass
+from treeflash.train.config import TrainConfig
+from treeflash.train.loop import train
+from treeflash.train.loss import position_weights
+from treeflash.train.validation import split_validation, validation_count
 
 from helpers import tiny_drafter, tiny_target
 
@@ -104,7 +97,7 @@ def _config(**kw):
 
 
 def test_drafter_loss_decreases_and_validation_improves(tmp_path):
-    from treeflash.train.loop import evaluate
+    from treeflash.train.validation import evaluate
 
     target = tiny_target("llama", dtype=torch.float32)
     drafter = _fresh(target)
@@ -125,7 +118,8 @@ def test_drafter_loss_decreases_and_validation_improves(tmp_path):
 
 def test_training_with_a_draft_vocabulary(tmp_path):
     from treeflash.drafters import new_drafter
-    from treeflash.train.loop import draft_vocabulary, evaluate
+    from treeflash.train.surgery import draft_vocabulary
+    from treeflash.train.validation import evaluate
 
     target = tiny_target("llama", dtype=torch.float32)
     data, config = _sequences(target), _config()
@@ -323,7 +317,7 @@ def test_the_held_out_records_do_not_move_with_the_seed(tmp_path):
 
 
 def test_initialize_from_target_copies_the_last_layers():
-    from treeflash.train.loop import initialize_from_target
+    from treeflash.train.surgery import initialize_from_target
 
     target = tiny_target("llama", dtype=torch.float32)
     drafter = _fresh(target)
@@ -339,7 +333,7 @@ def test_feature_scale_balances_the_inputs_and_folds_exactly(tmp_path):
     """fc trains behind per-feature powers of two that even out the target's feature magnitudes; putting fc
     behind them and taking it back out changes nothing, bit for bit, and checkpoints hold the folded weights."""
     from treeflash.drafters import load_drafter, save_drafter
-    from treeflash.train.loop import feature_scale, scale_features
+    from treeflash.train.blocks import feature_scale, scale_features
 
     target = tiny_target("llama", dtype=torch.float32)
     drafter = _fresh(target)
@@ -398,7 +392,8 @@ def test_the_default_recipe_learns_to_read_the_anchor(tmp_path):
     profile that decays like the data's, and changing the anchor must change its prediction."""
     from treeflash.drafters import new_drafter
     from treeflash.train.features import build_feature_cache
-    from treeflash.train.loop import DEFAULT_LAYERS, evaluate
+    from treeflash.train.config import DEFAULT_LAYERS
+    from treeflash.train.validation import evaluate
 
     target = tiny_target("llama", dtype=torch.float32)
     build_feature_cache(target, _anchor_walks(160, seed=0), tmp_path / "cache", layers=(1, 2, 4), progress=False)
@@ -416,7 +411,7 @@ def test_the_default_recipe_learns_to_read_the_anchor(tmp_path):
 
 def test_a_padded_batch_equals_each_sequence_alone():
     """Sequences of different lengths and anchor counts in one padded pass give what each gives alone."""
-    from treeflash.train.loop import Example, batch_hidden
+    from treeflash.train.blocks import Example, batch_hidden
 
     target = tiny_target("qwen3")
     drafter = tiny_drafter(target, block_size=4)
@@ -449,7 +444,7 @@ def test_target_labels_teach_the_target_on_text_it_did_not_write(tmp_path):
     """On random text (not the target's), cross-entropy on the text's own tokens teaches the text; with
     labels="target" the same run learns the target's greedy tokens at those positions instead, which is what
     verification accepts."""
-    from treeflash.train.loop import evaluate
+    from treeflash.train.validation import evaluate
 
     target = tiny_target("llama", dtype=torch.float32)
     g = torch.Generator().manual_seed(3)

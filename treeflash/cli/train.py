@@ -16,9 +16,10 @@ from ..drafters import default_target_layer_ids, save_drafter
 from ..errors import TreeFlashError
 from ..targets import DEFAULT_TARGET, default_target_path, load_target
 from ..train import distributed
+from ..train.config import (DEFAULT_BLOCK_SIZE, DEFAULT_LAYERS, DEFAULT_TARGET_LAYERS, LABELS, LOSSES, PRECISIONS,
+                            TrainConfig)
 from ..train.features import DEFAULT_SHARD_SEQUENCES, FeatureCache, build_feature_cache, build_feature_cache_in_workers
-from ..train.loop import (DEFAULT_BLOCK_SIZE, DEFAULT_LAYERS, DEFAULT_TARGET_LAYERS, LABELS, LOSSES, PRECISIONS,
-                          TrainConfig, train)
+from ..train.loop import train
 from ..train.prompts import EVAL_SETS, exclude_eval_prompts, load_prompts
 from ..train.records import load_sequences
 from ..train.regenerate import REGENERATION_ENGINES, dataset_responses, regenerate, regenerate_via_server

@@ -15,8 +15,8 @@ from ..errors import TreeFlashError
 from ..targets import Target
 from .capture import generate_with_features
 from .client import CompletionClient
+from .config import DEFAULT_TARGET_LAYERS
 from .features import build_feature_cache, check_disk, start_feature_cache, write_shard
-from .loop import DEFAULT_TARGET_LAYERS
 from .prompts import Prompt
 from .records import Sequence, check_data_settings, load_data_set, write_shards
 

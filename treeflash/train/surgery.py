@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from ..drafters import Drafter, default_target_layer_ids, load_drafter, new_drafter
 from ..errors import TreeFlashError
 from ..targets import Target
-from .loop import DEFAULT_BLOCK_SIZE, DEFAULT_LAYERS, DEFAULT_TARGET_LAYERS, draft_vocabulary, initialize_from_target
+from .config import DEFAULT_BLOCK_SIZE, DEFAULT_LAYERS, DEFAULT_TARGET_LAYERS
 from .records import Sequence as Record
 
 
@@ -51,6 +52,45 @@ def initial_drafter(target: Target, stage: str, sequences: Sequence[Record], ini
         copied = initialize_from_target(drafter, target)
         log(f"initialised {len(copied)} drafter tensors from the target's last layers")
     return drafter.to(target.device)
+
+
+def draft_vocabulary(sequences: list[Record], size: int, always: tuple[int, ...] = ()) -> tuple[Tensor, float]:
+    """The `size` most frequent response tokens (plus `always`, e.g. EOS), and the share of response tokens
+    they cover. Returns (token ids [size'] int64, coverage)."""
+    counts: dict[int, int] = {}
+    for seq in sequences:
+        for token in seq.tokens[seq.prompt_length:]:
+            counts[token] = counts.get(token, 0) + 1
+    ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    chosen = list(dict.fromkeys(list(always) + ranked))[:size]
+    total = sum(counts.values())
+    coverage = sum(counts.get(t, 0) for t in chosen) / max(1, total)
+    return torch.tensor(sorted(chosen), dtype=torch.long), coverage
+
+
+@torch.no_grad()
+def initialize_from_target(drafter: Drafter, target: Target) -> list[str]:
+    """Start a drafter from the target's own last layers instead of random weights.
+
+    Drafter layer i takes target layer L - n + i (n drafter layers) where the shapes agree; `fc` starts by
+    passing the deepest feature layer through, and `hidden_norm`/`norm` take the matching target norms.
+    The per-head q/k norms that Llama/Qwen2 lack stay at 1. Returns the names of the tensors copied.
+    """
+    copied = []
+    n, L = len(drafter.layers), target.num_layers
+    for i, layer in enumerate(drafter.layers):
+        source = dict(target.layers[L - n + i].named_parameters())
+        for name, param in layer.named_parameters():
+            if name in source and source[name].shape == param.shape:
+                param.copy_(source[name].to(param.dtype))
+                copied.append(f"layers.{i}.{name}")
+    H = drafter.config.hidden_size
+    deepest = max(range(len(drafter.config.target_layer_ids)), key=lambda j: drafter.config.target_layer_ids[j])
+    drafter.fc.weight.zero_()
+    drafter.fc.weight[:, deepest * H:(deepest + 1) * H] = torch.eye(H, dtype=drafter.fc.weight.dtype)
+    drafter.hidden_norm.weight.copy_(target.layers[L - n].input_layernorm.weight.to(drafter.fc.weight.dtype))
+    drafter.norm.weight.copy_(target.final_norm.weight.to(drafter.fc.weight.dtype))
+    return copied + ["fc.weight", "hidden_norm.weight", "norm.weight"]
 
 
 def with_head(drafter: Drafter) -> Drafter:
