@@ -130,3 +130,33 @@ def test_a_default_target_copy_without_architectures_gets_them(tmp_path):
     config.write_text(json.dumps({"architectures": ["Other"]}))
     _name_architecture(config)
     assert json.loads(config.read_text()) == {"architectures": ["Other"]}  # never overwritten
+
+
+def test_concurrent_first_uses_convert_the_default_target_once(tmp_path, monkeypatch):
+    """Two processes (here threads, which flock treats alike) asking for the default target at once: one
+    converts, the other waits for it and reads the result instead of replacing it while it is being read."""
+    import json
+    import threading
+    import time
+
+    import treeflash.targets as targets
+
+    calls = []
+
+    def convert(out):
+        calls.append(out)
+        time.sleep(0.3)  # long enough for the other caller to arrive while this one converts
+        out.mkdir(parents=True)
+        for name in ("model.safetensors", "tokenizer.json"):
+            (out / name).write_text("x")
+        (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
+
+    monkeypatch.setenv("TREEFLASH_CACHE", str(tmp_path))
+    monkeypatch.setattr(targets, "_convert_default_target", convert)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(targets.default_target_path())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and paths == [tmp_path / "SmolLM2-135M-Instruct"] * 2

