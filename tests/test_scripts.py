@@ -15,8 +15,8 @@ from test_cli import model_dir  # noqa: F401  (the tiny Llama saved to disk with
 from helpers import requires
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-TESTED = {"ab_decode.py", "ab_worker.py", "compare_bench.py", "install.sh", "load_test.py", "plot_training.py",
-          "profile_rounds.py"}
+TESTED = {"ab_decode.py", "ab_worker.py", "compare_bench.py", "device_check.py", "install.sh", "load_test.py",
+          "plot_training.py", "profile_rounds.py"}
 
 
 def run(script: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -66,6 +66,13 @@ def test_profile_rounds_on_a_tiny_model(model_dir, tmp_path):  # noqa: F811
         "--new-tokens", 4)
     table = [line for line in out.read_text().splitlines() if line.startswith("| ") and "method" not in line]
     assert [line.split(" | ")[2] for line in table] == ["ar", "dflash", "ddtree", "treeflash"] * 2
+
+
+def test_device_check_smoke(tmp_path):
+    """The GPU check's CPU smoke mode prints its tables (tests/test_device_check.py checks the numbers)."""
+    result = run("device_check.py", "--smoke", "--out", tmp_path, "--repeats", 1, "--warmup", 0)
+    assert "**Projection, not a measurement**" in result.stdout and "| treeflash | 256 |" in result.stdout
+    assert json.loads((tmp_path / "device_check.json").read_text())["smoke"] is True
 
 
 def _summary(path: Path, verify_ms: float, tau: float) -> Path:

@@ -1,0 +1,93 @@
+"""scripts/device_check.py, the prepared GPU check, on the CPU in its smoke mode: the same code path on tiny
+shapes must finish and report finite, positive numbers in the structure docs/gpu.md describes (no timing is
+asserted: this machine is not the one the numbers are for)."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
+
+
+@pytest.fixture(scope="module")
+def device_check():
+    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["device_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke(device_check, tmp_path_factory):
+    out = tmp_path_factory.mktemp("device_check")
+    device_check.main(["--smoke", "--out", str(out), "--repeats", "2", "--warmup", "1"])
+    return json.loads((out / "device_check.json").read_text()), (out / "device_check.md").read_text()
+
+
+def _positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_the_smoke_report_has_every_stage_size_and_projection(device_check, smoke):
+    report, _ = smoke
+    assert report["smoke"] and report["cuda_tests"] is None and report["skipped"] == []
+    for key in ("command", "date", "device", "torch", "transformers", "python"):
+        assert report[key]
+    (result,) = report["shapes"].values()
+    stages = result["stages_ms"]
+    sizes = [str(s) for s in device_check.TREE_SIZES]
+    for stage in ("ar", "hf_generate_step", "draft", "head", "commit"):
+        assert _positive(stages[stage]), stage
+    assert list(stages["verify"]) == sizes and list(stages[f"verify_lookup{device_check.LOOKUP}"]) == sizes
+    assert list(stages["tree"]["ddtree"]) == list(stages["tree"]["treeflash"]) == sizes[1:]
+    assert all(_positive(t) for part in ("verify", f"verify_lookup{device_check.LOOKUP}")
+               for t in stages[part].values())
+    assert all(_positive(t) for method in stages["tree"].values() for t in method.values())
+    block = str(result["shape"]["block_size"])
+    assert list(result["rounds_ms"]) == ["dflash", "ddtree", "treeflash"] and list(result["rounds_ms"]["dflash"]) == [block]
+    for dataset in device_check.PAPER_TAU:
+        projected = result["projection"][dataset]
+        assert all(_positive(x) for sizes in projected.values() for x in sizes.values())
+
+
+def test_the_projection_is_tau_times_ar_over_round(device_check, smoke):
+    report, _ = smoke
+    (result,) = report["shapes"].values()
+    ar, rounds = result["stages_ms"]["ar"], result["rounds_ms"]
+    gsm8k = result["projection"]["gsm8k"]
+    assert gsm8k["ddtree"]["64"] == pytest.approx(9.54 * ar / rounds["ddtree"]["64"])
+    assert gsm8k["treeflash"]["64"] == pytest.approx(9.54 * 1.12 * ar / rounds["treeflash"]["64"])
+    stages = result["stages_ms"]
+    assert rounds["treeflash"]["64"] == pytest.approx(stages["draft"] + stages["head"] + stages["tree"]["treeflash"]["64"]
+                                                      + stages["verify"]["64"] + stages["commit"])
+
+
+def test_the_markdown_labels_the_projection_and_names_the_command(smoke):
+    _, text = smoke
+    assert "**Projection, not a measurement**" in text and "`python3 scripts/device_check.py --smoke" in text
+    assert "| treeflash | 256 |" in text and "| dflash | 8 |" in text
+
+
+def test_past_its_budget_it_skips_parts_and_says_so(device_check, tmp_path):
+    device_check.main(["--smoke", "--out", str(tmp_path), "--budget-seconds", "0"])
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert report["shapes"] == {} and report["skipped"] == ["tiny-qwen3 profile"]
+    assert "**Skipped for time**" in (tmp_path / "device_check.md").read_text()
+
+
+def test_the_shapes_are_the_published_qwen3_configs(device_check):
+    four, eight = device_check.SHAPES["qwen3-4b"], device_check.SHAPES["qwen3-8b"]
+    assert (four.hidden_size, four.intermediate_size, four.tie_word_embeddings) == (2560, 9728, True)
+    assert (eight.hidden_size, eight.intermediate_size, eight.tie_word_embeddings) == (4096, 12288, False)
+    for shape in (four, eight):
+        assert (shape.num_hidden_layers, shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim,
+                shape.vocab_size) == (36, 32, 8, 128, 151936)
+        assert shape.target_layer_ids == (1, 9, 17, 25, 33) and shape.mask_token_id == 151669
+    # bf16 bytes a one-token pass reads, LM head included: 3.63B + 0.39B and 6.95B + 0.62B parameters
+    assert four.weight_bytes() / 1e9 == pytest.approx(8.04, abs=0.02)
+    assert eight.weight_bytes() / 1e9 == pytest.approx(15.13, abs=0.02)
