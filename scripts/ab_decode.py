@@ -64,7 +64,11 @@ class Worker:
             env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.process = subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=env)
-        self.package = self.answer()["treeflash"]  # loaded and warmed up
+        self.package = None  # the treeflash it runs, once `wait_ready` has heard from it
+
+    def wait_ready(self) -> None:
+        """Wait until the worker has loaded and warmed up (both start together, so their start-ups overlap)."""
+        self.package = self.answer()["treeflash"]
 
     def answer(self) -> dict:
         for line in self.process.stdout:
@@ -101,6 +105,8 @@ def main() -> int:
     try:
         for k, setting in settings.items():
             workers[k] = Worker(k, setting, args)
+        for worker in workers.values():
+            worker.wait_ready()
         rows = {}  # dataset -> {"A": [tokens, seconds, acceptance lengths], "B": ...}
         for dataset, dataset_prompts in prompts.items():
             total = {k: [0, 0.0, []] for k in settings}
