@@ -66,12 +66,15 @@ class Shape:
     target_layer_ids: tuple[int, ...] = (1, 9, 17, 25, 33)
     mask_token_id: int = 151669
 
+    def layer_params(self) -> int:
+        """Weights of one decoder layer's projections (q, k, v, o and the MLP's three; norms are negligible)."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        return h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads) + 3 * h * i
+
     def weight_bytes(self, bytes_per_param: int = 2) -> int:
         """Bytes a one-token target pass reads: every layer's projections and the LM head (the embedding
         rows read are negligible)."""
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        return bytes_per_param * (self.num_hidden_layers * (attn + 3 * h * i) + self.vocab_size * h)
+        return bytes_per_param * (self.num_hidden_layers * self.layer_params() + self.vocab_size * self.hidden_size)
 
 
 # Qwen/Qwen3-4B and Qwen/Qwen3-8B config.json (Hugging Face, 2025): 36 layers, 32 query and 8 key/value heads
@@ -403,6 +406,101 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+# H100 SXM, dense bf16 tensor-core peak and HBM3 bandwidth (NVIDIA's data sheet), for the dry estimate.
+H100_FLOPS, H100_BYTES_PER_S = 990e12, 3.35e12
+
+
+def pass_seconds(shape: Shape, params: int, rows: int, attended: int, host_ms_per_layer: float, layers: int,
+                 efficiency: float) -> float:
+    """A pass of `rows` tokens over `params` bf16 weights, each row attending `attended` keys in `layers` layers:
+    the roofline max(bytes / bandwidth, FLOPs / peak) at `efficiency` of both, plus host time per layer."""
+    flops = 2 * params * rows + 4 * rows * attended * shape.num_attention_heads * shape.head_dim * layers
+    roofline = max(2 * params / H100_BYTES_PER_S, flops / H100_FLOPS) / efficiency
+    return roofline + layers * host_ms_per_layer / 1000
+
+
+def dry_estimate(smoke: dict, repeats: int = 20, warmup: int = 3, context: int = 512, generate_tokens: int = 32,
+                 tests_seconds: float = 60.0) -> dict:
+    """How long the full check takes on one H100, from the shapes, the passes it makes (with the default
+    settings) and the CPU smoke report `smoke`: host time per layer = the smoke's ar step / its layers (this
+    CPU dispatching tiny ops, more than a GPU box's CPU spends launching kernels), tree search = the smoke's x 2
+    (its block has half the depths). Two bounds: the roofline at 100% with that host time, and at 50% with
+    twice it. Build times are measured here, on the meta device (Python construction only)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tiny = smoke["shapes"]["tiny"]
+    host_per_layer = tiny["stages_ms"]["ar"] / tiny["shape"]["num_hidden_layers"]
+    tree_ms = 2 * sum(t for method in tiny["stages_ms"]["tree"].values() for t in method.values())
+    calls = repeats + warmup
+    rows = {}
+    for key, shape in SHAPES.items():
+        h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+        layer, lm_head = shape.layer_params(), v * h
+        target = shape.weight_bytes(1)  # parameters a pass reads
+        drafter = shape.drafter_layers * layer + len(shape.target_layer_ids) * h * h + lm_head
+        head = 4 * h * i + i * h + lm_head
+        head_rows = 1 + (shape.block_size - 2) * 16  # the root's row and m = 16 per inner depth
+        target_passes = ([(context, context, 1)] + [(1, context + 1, calls)]
+                         + [(n, context + n, calls) for n in TREE_SIZES]
+                         + [(n + LOOKUP, context + n + LOOKUP, calls) for n in TREE_SIZES]
+                         + [(n, context + n, calls) for n in TREE_SIZES] + [(COMMITTED, context + COMMITTED, 1)])
+        generate_runs = 1 + max(1, repeats // 4)
+        target_passes += [(context, context, 2 * generate_runs),  # transformers' prefills, then its steps
+                          (1, context + 16, generate_runs * (2 + 2 + generate_tokens))]
+        drafter_passes = [(context, context, 1), (shape.block_size + COMMITTED, context + shape.block_size, calls + 1)]
+        bounds = []
+        for efficiency, host in ((1.0, host_per_layer), (0.5, 2 * host_per_layer)):
+            total = sum(count * pass_seconds(shape, target, n, attended, host, shape.num_hidden_layers, efficiency)
+                        for n, attended, count in target_passes)
+            total += sum(count * pass_seconds(shape, drafter, n, attended, host, shape.drafter_layers, efficiency)
+                         for n, attended, count in drafter_passes)
+            total += (calls + 1) * pass_seconds(shape, head, head_rows, 0, host, 2, efficiency)
+            total += calls * tree_ms / 1000 * (1 if efficiency == 1.0 else 2)
+            bounds.append(total)
+        config = Qwen3Config(vocab_size=v, hidden_size=h, intermediate_size=i,
+                             num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+                             num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
+                             tie_word_embeddings=shape.tie_word_embeddings)
+        started = time.perf_counter()
+        with torch.device("meta"):
+            Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16)
+        build = time.perf_counter() - started
+        one_token = 2 * target / H100_BYTES_PER_S
+        verify_256 = max(one_token, 2 * target * 256 / H100_FLOPS)
+        rows[key] = {"name": shape.name, "target_params_b": target / 1e9, "weight_gb": 2 * target / 1e9,
+                     "drafter_params_b": drafter / 1e9, "flops_per_token_g": 2 * target / 1e9,
+                     "ar_step_roofline_ms": 1000 * one_token, "verify_256_roofline_ms": 1000 * verify_256,
+                     "target_tokens": sum(n * c for n, _, c in target_passes),
+                     "target_passes": sum(c for _, _, c in target_passes),
+                     "drafter_passes": sum(c for _, _, c in drafter_passes), "head_passes": calls + 1,
+                     "build_seconds_meta_here": build, "timed_seconds": bounds}
+    startup = 15.0  # Python, torch and transformers imports, CUDA context and cuBLAS handles
+    low = startup + tests_seconds + sum(r["timed_seconds"][0] + r["build_seconds_meta_here"] for r in rows.values())
+    high = startup + 2 * tests_seconds + sum(r["timed_seconds"][1] + 4 * r["build_seconds_meta_here"] + 10
+                                             for r in rows.values())
+    return {"host_ms_per_layer": host_per_layer, "tree_ms_per_call_set": tree_ms, "shapes": rows,
+            "startup_seconds": startup, "tests_seconds": [tests_seconds, 2 * tests_seconds],
+            "total_seconds": [low, high], "limit_seconds": 480}
+
+
+def estimate_markdown(e: dict) -> str:
+    lines = ["| shape | bf16 weights | FLOPs per token | ar step roofline | verify 256 roofline "
+             "| target passes (tokens) | drafter / head passes | build (meta, here) | timed part |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in e["shapes"].values():
+        lines.append(f"| {r['name']} | {r['weight_gb']:.1f} GB | {r['flops_per_token_g']:.1f} G | "
+                     f"{r['ar_step_roofline_ms']:.2f} ms | {r['verify_256_roofline_ms']:.2f} ms | "
+                     f"{r['target_passes']} ({r['target_tokens']}) | {r['drafter_passes']} / {r['head_passes']} | "
+                     f"{r['build_seconds_meta_here']:.1f} s "
+                     f"| {r['timed_seconds'][0]:.0f}-{r['timed_seconds'][1]:.0f} s |")
+    low, high = e["total_seconds"]
+    lines += ["", f"Host time per layer (the CPU smoke run's ar step / its layers): {e['host_ms_per_layer']:.2f} ms. "
+              f"Start-up {e['startup_seconds']:.0f} s, CUDA tests "
+              f"{e['tests_seconds'][0]:.0f}-{e['tests_seconds'][1]:.0f} s. "
+              f"**Total: {low / 60:.1f}-{high / 60:.1f} minutes** against the {e['limit_seconds'] / 60:.0f} allowed."]
+    return "\n".join(lines) + "\n"
+
+
 def write(report: dict, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "device_check.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -415,6 +513,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for device_check.json and device_check.md")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (seconds), no CUDA tests")
+    parser.add_argument("--estimate", action="store_true",
+                        help="with --smoke: also write the dry estimate of the full check on one H100 (estimate.md)")
     parser.add_argument("--shapes", default="qwen3-4b,qwen3-8b", help="comma-separated: qwen3-4b, qwen3-8b")
     parser.add_argument("--no-tests", action="store_true", help="skip the CUDA tests (pytest -k cuda)")
     parser.add_argument("--tests-timeout", type=float, default=240, help="seconds the CUDA tests may take")
@@ -463,6 +563,10 @@ def main(argv: list[str] | None = None) -> None:
         report["cuda_tests"] = run_cuda_tests(min(args.tests_timeout, deadline.left()))
     report["seconds"] = time.perf_counter() - deadline.start
     print(write(report, args.out))
+    if args.estimate and report["shapes"]:
+        text = estimate_markdown(dry_estimate(report))
+        (args.out / "estimate.md").write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":
