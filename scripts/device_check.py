@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import platform
@@ -288,9 +289,6 @@ def profile_shape(shape: Shape, device: torch.device, args: argparse.Namespace, 
 
     if deadline.allows(f"{shape.name} transformers generate", 20):
         stages["hf_generate_step"] = hf_generate_step(target.model, prompt, sync, args)
-    del target, drafter, cache, dcache
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     result["rounds_ms"] = round_times(stages, shape.block_size)
     result["projection"] = projection(stages["ar"], result["rounds_ms"])
     return result
@@ -557,6 +555,9 @@ def main(argv: list[str] | None = None) -> None:
     for key, shape in shapes.items():
         if deadline.allows(f"{shape.name} profile", 30 if not smoke else 0):
             report["shapes"][key] = profile_shape(shape, device, args, deadline)
+            gc.collect()  # the model is gone with profile_shape's frame; hand its memory to the next one
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             report["seconds"] = time.perf_counter() - deadline.start
             write(report, args.out)  # a kill later still leaves this much
     if not smoke and not args.no_tests and deadline.allows("CUDA tests", 30):
