@@ -1,6 +1,7 @@
 """scripts/device_check.py, the prepared GPU check, on the CPU in its smoke mode: the same code path on tiny
 shapes must finish and report finite, positive numbers in the structure docs/gpu.md describes (no timing is
-asserted: this machine is not the one the numbers are for)."""
+asserted: this machine is not the one the numbers are for). The GPU-round changes it times (the tree mask built
+on the device, Target.expand_kv) are checked on every device here, so `pytest -k cuda` covers them on a GPU."""
 
 import importlib.util
 import json
@@ -10,6 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from treeflash.trees import tree_attention_mask
+
+from helpers import DEVICES, random_tree, tiny_target
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
 
@@ -101,23 +106,33 @@ def test_a_test_run_past_its_time_limit_is_reported_not_raised(device_check):
     assert tests["returncode"] is None and "stopped after" in tests["summary"]
 
 
-def test_expanded_keys_and_values_give_the_same_logits():
-    """Target.expand_kv, which the check times on a GPU, changes the attention kernel's input, not the numbers."""
-    from helpers import random_tree, tiny_target
-    from treeflash.trees import tree_attention_mask
-
-    target = tiny_target("qwen3", dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_expanded_keys_and_values_give_the_same_logits(device):
+    """Target.expand_kv, which the check times on a GPU, changes the attention kernel's input, not the numbers
+    (exactly on the CPU; on CUDA the kernel it unlocks sums in another order)."""
+    target = tiny_target("qwen3", dtype=torch.float64 if device == "cpu" else torch.float32, device=device)
     tree = random_tree(3, 12, target.vocab_size)
     logits = []
     for expand in (False, True):
         target.expand_kv = expand
         cache = target.new_cache(32)
-        target.forward(torch.arange(8), torch.arange(8), cache)
+        target.forward(torch.arange(8, device=device), torch.arange(8, device=device), cache)
         cache.advance(8)
-        mask = torch.ones(13, 21, dtype=torch.bool)
-        mask[:, 8:] = tree_attention_mask(tree)
-        logits.append(target.forward(tree.tokens, 8 + tree.depths, cache, mask).logits)
-    assert torch.equal(logits[0], logits[1])
+        mask = torch.ones(13, 21, dtype=torch.bool, device=device)
+        mask[:, 8:] = tree_attention_mask(tree, device)
+        logits.append(target.forward(tree.tokens.to(device), (8 + tree.depths).to(device), cache, mask).logits)
+    if device == "cpu":
+        assert torch.equal(logits[0], logits[1])
+    else:
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_tree_mask_built_on_a_device_is_the_cpu_one(device):
+    for seed in range(5):
+        tree = random_tree(seed, 40, 97)
+        mask = tree_attention_mask(tree, device)
+        assert mask.device.type == device and torch.equal(mask.cpu(), tree_attention_mask(tree))
 
 
 def test_the_dry_estimate_counts_both_shapes_and_bounds_the_total(device_check, smoke):
