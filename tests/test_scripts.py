@@ -39,9 +39,8 @@ def test_every_script_has_a_smoke_test():
     assert {p.name for p in SCRIPTS.iterdir() if p.is_file()} == TESTED
 
 
-@pytest.mark.parametrize("script", ["ab_worker.py", "load_test.py"])  # the others run for real below
-def test_help(script):
-    assert "usage:" in run(script, "--help").stdout
+def test_load_test_help():  # runs for real below where the serving packages are installed
+    assert "usage:" in run("load_test.py", "--help").stdout
 
 
 def test_install_script_is_valid_bash():
