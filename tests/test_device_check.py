@@ -3,7 +3,9 @@ shapes must finish and report finite, positive numbers in the structure docs/gpu
 asserted: this machine is not the one the numbers are for). The GPU-round changes it times (the tree mask built
 on the device, Target.expand_kv) are checked on every device here, so `pytest -k cuda` covers them on a GPU."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import sys
@@ -31,8 +33,17 @@ def device_check():
 @pytest.fixture(scope="module")
 def smoke(device_check, tmp_path_factory):
     out = tmp_path_factory.mktemp("device_check")
-    device_check.main(["--smoke", "--out", str(out), "--repeats", "2", "--warmup", "1"])
-    return json.loads((out / "device_check.json").read_text()), (out / "device_check.md").read_text()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        device_check.main(["--smoke", "--out", str(out), "--repeats", "2", "--warmup", "1"])
+    return json.loads((out / "device_check.json").read_text()), (out / "device_check.md").read_text(), printed.getvalue()
+
+
+def test_the_smoke_run_prints_its_tables(smoke):
+    """The CPU smoke run prints the report it writes (the scripts' smoke test for device_check.py)."""
+    _, report, printed = smoke
+    assert "**Projection, not a measurement**" in printed and "| treeflash | 256 |" in printed
+    assert report.strip() in printed
 
 
 def _positive(value) -> bool:
@@ -40,7 +51,7 @@ def _positive(value) -> bool:
 
 
 def test_the_smoke_report_has_every_stage_size_and_projection(device_check, smoke):
-    report, _ = smoke
+    report, _, _ = smoke
     assert report["smoke"] and report["cuda_tests"] is None and report["skipped"] == []
     for key in ("command", "date", "device", "torch", "transformers", "python"):
         assert report[key]
@@ -63,7 +74,7 @@ def test_the_smoke_report_has_every_stage_size_and_projection(device_check, smok
 
 
 def test_the_projection_is_tau_times_ar_over_round(device_check, smoke):
-    report, _ = smoke
+    report, _, _ = smoke
     (result,) = report["shapes"].values()
     ar, rounds = result["stages_ms"]["ar"], result["rounds_ms"]
     gsm8k = result["projection"]["gsm8k"]
@@ -76,7 +87,7 @@ def test_the_projection_is_tau_times_ar_over_round(device_check, smoke):
 
 
 def test_the_markdown_labels_the_projection_and_names_the_command(smoke):
-    _, text = smoke
+    _, text, _ = smoke
     assert "**Projection, not a measurement**" in text and "`python3 scripts/device_check.py --smoke" in text
     assert "| treeflash | 256 |" in text and "| dflash | 8 |" in text and "verify, expand_kv" in text
 
@@ -136,7 +147,7 @@ def test_the_tree_mask_built_on_a_device_is_the_cpu_one(device):
 
 
 def test_the_dry_estimate_counts_both_shapes_and_bounds_the_total(device_check, smoke):
-    report, _ = smoke
+    report, _, _ = smoke
     estimate = device_check.dry_estimate(report)
     assert set(estimate["shapes"]) == set(device_check.SHAPES)
     for row in estimate["shapes"].values():
