@@ -35,7 +35,7 @@ def smoke(device_check, tmp_path_factory):
     out = tmp_path_factory.mktemp("device_check")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        device_check.main(["--smoke", "--out", str(out), "--repeats", "2", "--warmup", "1"])
+        device_check.main(["--smoke", "--out", str(out), "--repeats", "1", "--warmup", "0"])
     return json.loads((out / "device_check.json").read_text()), (out / "device_check.md").read_text(), printed.getvalue()
 
 
